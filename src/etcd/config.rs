@@ -1,0 +1,190 @@
+//! [`EtcdLockerBuilder`]: the settings of an [`EtcdLocker`](super::EtcdLocker),
+//! checked when it is built.
+
+use std::time::Duration;
+
+use super::EtcdLocker;
+
+/// The namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "tower-lease-lock/";
+/// The lease TTL used when none is given.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// The shortest TTL etcd grants (it rounds shorter ones up).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+/// The longest TTL accepted: a crashed holder keeps its names this long.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// The per-request timeout used when none is given.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A setting of [`EtcdLockerBuilder`] that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TTL is shorter than etcd's minimum of 2 s.
+    #[error("lease TTL {0:?} is shorter than etcd's minimum of 2s")]
+    TtlTooShort(Duration),
+    /// The TTL is longer than [`MAX_TTL`].
+    #[error("lease TTL {0:?} is longer than the limit of {MAX_TTL:?}")]
+    TtlTooLong(Duration),
+    /// etcd leases count whole seconds.
+    #[error("lease TTL {0:?} is not a whole number of seconds")]
+    TtlNotWholeSeconds(Duration),
+    /// The renewal cadence must be shorter than the TTL, and not zero.
+    #[error("renewal cadence {cadence:?} must be above zero and below the TTL {ttl:?}")]
+    BadRenewalCadence {
+        /// The cadence asked for.
+        cadence: Duration,
+        /// The TTL in force.
+        ttl: Duration,
+    },
+    /// The request timeout must be above zero.
+    #[error("request timeout must be above zero")]
+    ZeroRequestTimeout,
+    /// The namespace must be non-empty, end with `/` and have no control characters.
+    #[error("namespace {0:?} must be non-empty, end with '/' and have no control characters")]
+    BadNamespace(String),
+}
+
+/// Builds an [`EtcdLocker`]; every mistake is a [`ConfigError`] from
+/// [`EtcdLockerBuilder::build`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_lease_lock::etcd::EtcdLocker;
+///
+/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+/// let locker = EtcdLocker::builder(client)
+///     .namespace("billing/locks/")
+///     .ttl(Duration::from_secs(15))
+///     .request_timeout(Duration::from_secs(2))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct EtcdLockerBuilder {
+    pub(super) client: etcd_client::Client,
+    pub(super) namespace: String,
+    pub(super) ttl: Duration,
+    pub(super) cadence: Option<Duration>,
+    pub(super) request_timeout: Duration,
+    pub(super) owner: String,
+}
+
+/// The checked settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) namespace: String,
+    pub(crate) ttl: Duration,
+    pub(crate) cadence: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) owner: String,
+}
+
+impl Config {
+    /// How far short of the server's lease expiry the local deadline is kept:
+    /// a fifth of the TTL, at most one second.
+    pub(crate) fn safety_margin(&self) -> Duration {
+        (self.ttl / 5).min(Duration::from_secs(1))
+    }
+}
+
+impl EtcdLockerBuilder {
+    pub(super) fn new(client: etcd_client::Client) -> Self {
+        Self {
+            client,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            ttl: DEFAULT_TTL,
+            cadence: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            owner: format!("pid:{}", std::process::id()),
+        }
+    }
+
+    /// The key prefix of every lock (default [`DEFAULT_NAMESPACE`]). It must end
+    /// with `/`; the lock of name `n` lives under `<namespace><encoded n>/`, so
+    /// `etcdctl lock <namespace><n>` competes with it. Two namespaces must not
+    /// be nested in one another.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The TTL of the locker's lease (default 30 s; whole seconds, 2 s to 1 h).
+    /// A crashed process's locks are freed at most this long after it died
+    /// (plus an election timeout if the etcd leader changes meanwhile).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How often the lease is renewed (default TTL/3; must be below the TTL).
+    pub fn renewal_cadence(mut self, cadence: Duration) -> Self {
+        self.cadence = Some(cadence);
+        self
+    }
+
+    /// The longest any single etcd request may take before the acquisition
+    /// fails with [`LockError::Unavailable`](crate::LockError::Unavailable)
+    /// (default 5 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The value stored in this locker's lock keys, shown to contenders as the
+    /// holder (default `pid:<process id>`).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// Checks the settings and builds the locker. No request is sent: the
+    /// lease is granted by the first acquisition.
+    ///
+    /// Must be called inside a Tokio runtime only when the locker is used; it
+    /// spawns nothing itself.
+    pub fn build(self) -> Result<EtcdLocker, ConfigError> {
+        let ttl = self.ttl;
+        if ttl < MIN_TTL {
+            return Err(ConfigError::TtlTooShort(ttl));
+        }
+        if ttl > MAX_TTL {
+            return Err(ConfigError::TtlTooLong(ttl));
+        }
+        if ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::TtlNotWholeSeconds(ttl));
+        }
+        let cadence = self.cadence.unwrap_or(ttl / 3);
+        if cadence.is_zero() || cadence >= ttl {
+            return Err(ConfigError::BadRenewalCadence { cadence, ttl });
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::ZeroRequestTimeout);
+        }
+        let ns = &self.namespace;
+        if ns.is_empty() || !ns.ends_with('/') || ns.chars().any(char::is_control) {
+            return Err(ConfigError::BadNamespace(self.namespace));
+        }
+        let config = Config {
+            namespace: self.namespace,
+            ttl,
+            cadence,
+            request_timeout: self.request_timeout,
+            owner: self.owner,
+        };
+        Ok(EtcdLocker::from_config(self.client, config))
+    }
+}
+
+impl std::fmt::Debug for EtcdLockerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdLockerBuilder")
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.ttl)
+            .field("cadence", &self.cadence)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}

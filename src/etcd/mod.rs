@@ -1,0 +1,221 @@
+//! [`EtcdLocker`]: leased locks in etcd.
+//!
+//! - **One lease per locker**, shared by all its locks and renewed by one
+//!   background task ([`session`]); losing it fires every guard's
+//!   [`lost()`](crate::LockGuard::lost) before the server could grant the
+//!   lock to anyone else, and the next acquisition grants a fresh lease.
+//! - **One key per acquisition**, in the layout of etcd's `concurrency.Mutex`
+//!   ([`keys`]): `etcdctl lock <namespace><name>` and Go's Mutex compete with
+//!   our locks, both ways.
+//! - **try in one round trip** and **waiting by watch** on one shared,
+//!   already-open watch stream ([`acquire`], [`watcher`]).
+//! - **Fencing tokens**: the create revision of the lock key;
+//!   [`EtcdLocker::txn_if_held`] applies a txn only while the lock is held.
+//!
+//! Like every lease-based lock, this is an efficiency lock: a process pause or
+//! network delay longer than the lease can let two holders overlap (Jepsen,
+//! etcd 3.4.3). Use the fencing token where correctness depends on exclusion.
+
+mod acquire;
+mod config;
+mod keys;
+mod local;
+mod release;
+mod rpc;
+mod session;
+mod watcher;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
+
+pub use config::{
+    ConfigError, EtcdLockerBuilder, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
+    MAX_TTL, MIN_TTL,
+};
+
+use crate::guard::LockInfo;
+use crate::{LockError, LockGuard, LockMode, LockName, Locker, Wait};
+use config::Config;
+use local::LocalKeys;
+use session::Sessions;
+use watcher::Watcher;
+
+/// A [`Locker`] on etcd. Cheap to clone; clones share one lease and one watch
+/// stream.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_lease_lock::{etcd::EtcdLocker, LockName, Locker};
+///
+/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+/// let locker = EtcdLocker::new(client)?;
+/// let name = LockName::new("tenant-42")?;
+/// let guard = locker.acquire(&name, Duration::from_secs(5)).await?;
+/// println!("holding {} with fencing token {}", guard.name(), guard.token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EtcdLocker {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    client: etcd_client::Client,
+    config: Config,
+    sessions: Sessions,
+    watcher: Watcher,
+    local: LocalKeys,
+    seq: AtomicU64,
+}
+
+impl Inner {
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl EtcdLocker {
+    /// A locker with the default settings.
+    pub fn new(client: etcd_client::Client) -> Result<Self, ConfigError> {
+        Self::builder(client).build()
+    }
+
+    /// A builder for a locker with custom settings.
+    pub fn builder(client: etcd_client::Client) -> EtcdLockerBuilder {
+        EtcdLockerBuilder::new(client)
+    }
+
+    fn from_config(client: etcd_client::Client, config: Config) -> Self {
+        let watcher = Watcher::new(client.clone(), config.request_timeout);
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                sessions: Sessions::new(),
+                watcher,
+                local: LocalKeys::default(),
+                seq: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The key prefix of this locker's locks.
+    pub fn namespace(&self) -> &str {
+        &self.inner.config.namespace
+    }
+
+    /// The etcd client this locker uses.
+    pub fn client(&self) -> &etcd_client::Client {
+        &self.inner.client
+    }
+
+    /// The key prefix of `name`'s lock: `<namespace><encoded name>/`.
+    pub fn key_prefix(&self, name: &LockName) -> String {
+        keys::NameKeys::new(&self.inner.config.namespace, name)
+            .prefix()
+            .to_string()
+    }
+
+    /// How many keys this locker has in etcd right now (held or waiting).
+    pub fn own_keys(&self) -> usize {
+        self.inner.local.len()
+    }
+
+    /// How many names this locker watches right now.
+    pub fn watched_names(&self) -> usize {
+        self.inner.watcher.watched_names()
+    }
+
+    /// Grants the lease now instead of at the first acquisition.
+    pub async fn connect(&self) -> Result<i64, LockError> {
+        let session = self
+            .inner
+            .sessions
+            .get(&self.inner.client, &self.inner.config)
+            .await?;
+        Ok(session.lease_id())
+    }
+
+    /// A compare that holds while the lock of `info` is held: its key still
+    /// exists with the create revision that is its fencing token. Add it to
+    /// your own txn for a fenced write; `None` for locks of other backends.
+    pub fn fence(info: &LockInfo) -> Option<Compare> {
+        let key = info.key()?;
+        let token = i64::try_from(info.token()).ok()?;
+        Some(Compare::create_revision(key, CompareOp::Equal, token))
+    }
+
+    /// Runs `ops` in one txn that applies only while the lock of `info` is
+    /// held. Fails with [`LockError::Lost`] when it is not (nothing applied).
+    ///
+    /// ```no_run
+    /// # async fn demo(locker: tower_lease_lock::etcd::EtcdLocker, guard: tower_lease_lock::LockGuard)
+    /// # -> Result<(), tower_lease_lock::LockError> {
+    /// use etcd_client::TxnOp;
+    /// locker
+    ///     .txn_if_held(guard.info(), vec![TxnOp::put("balance/acme", "42", None)])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn_if_held(
+        &self,
+        info: &LockInfo,
+        ops: Vec<TxnOp>,
+    ) -> Result<TxnResponse, LockError> {
+        let Some(fence) = Self::fence(info) else {
+            return Err(LockError::Lost {
+                name: info.name().clone(),
+                reason: "not an etcd lock".into(),
+            });
+        };
+        let mut kv = self.inner.client.kv_client();
+        let txn = Txn::new().when(vec![fence]).and_then(ops);
+        let resp = rpc::with_timeout(self.inner.config.request_timeout, "txn", async move {
+            kv.txn(txn).await
+        })
+        .await?;
+        if resp.succeeded() {
+            Ok(resp)
+        } else {
+            Err(LockError::Lost {
+                name: info.name().clone(),
+                reason: "the lock key no longer exists with this fencing token".into(),
+            })
+        }
+    }
+
+    /// Test hook: stops (or resumes) the lease renewal, as a hung process
+    /// would. The lease then runs out and every guard's `lost()` fires.
+    #[cfg(feature = "test-util")]
+    pub fn pause_renewal(&self, paused: bool) {
+        self.inner
+            .sessions
+            .renewal_paused
+            .store(paused, Ordering::Relaxed);
+    }
+}
+
+impl Locker for EtcdLocker {
+    fn lock(
+        &self,
+        name: &LockName,
+        mode: LockMode,
+        wait: Wait,
+    ) -> impl std::future::Future<Output = Result<LockGuard, LockError>> + Send {
+        acquire::lock(&self.inner, name, mode, wait)
+    }
+}
+
+impl std::fmt::Debug for EtcdLocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdLocker")
+            .field("namespace", &self.inner.config.namespace)
+            .field("ttl", &self.inner.config.ttl)
+            .field("own_keys", &self.own_keys())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,504 @@
+//! One watch stream per locker, multiplexed over every name it waits on.
+//!
+//! A waiter must learn of its predecessor's release fast. A watch opened at a
+//! past revision is served by etcd's unsynced-watcher loop, which runs every
+//! 100 ms: that is why etcd's Go Mutex stalls ~100 ms per handoff under
+//! contention. Here a name's watch is opened at the current revision on a
+//! stream that is already open (synced from its first moment), then the name's
+//! keys are read once; the read plus every later event gives the name's full
+//! queue, kept up to date in memory (list + watch). Waiters re-check the queue
+//! on every change: no polling, no missed wake-up, no extra round trip after a
+//! release, and a waiter sees its own key vanish (lease expired) in revision
+//! order before it could ever be granted.
+//!
+//! A name's watch is shared by all waiters of this locker on that name and
+//! closed after it has had no waiter for a short while.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use etcd_client::{
+    EventType, GetOptions, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+};
+use tokio::sync::watch;
+
+use super::keys::NameKeys;
+use super::rpc;
+use crate::{LockError, LockMode};
+
+/// How long a name's watch stays open after its last waiter left.
+const LINGER: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data whole; recover from poison.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) struct Watcher {
+    client: etcd_client::Client,
+    request_timeout: Duration,
+    hub: Arc<Hub>,
+}
+
+struct Hub {
+    names: Mutex<HashMap<Arc<str>, Arc<NameWatch>>>,
+    sender: tokio::sync::Mutex<Option<StreamTx>>,
+    generation: AtomicU64,
+}
+
+struct StreamTx {
+    tx: WatchRequestSender,
+    stream: Arc<StreamState>,
+}
+
+/// What the reader of one stream needs to route its responses.
+#[derive(Default)]
+struct StreamState {
+    generation: u64,
+    /// Watches whose create request was sent, in order; etcd answers in order.
+    creating: Mutex<VecDeque<Arc<NameWatch>>>,
+    by_id: Mutex<HashMap<i64, Arc<NameWatch>>>,
+}
+
+/// The queue of one name as this locker sees it.
+pub(crate) struct NameWatch {
+    keys: NameKeys,
+    state: Mutex<NameState>,
+    changed: watch::Sender<()>,
+    users: AtomicUsize,
+    epoch: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Creating,
+    Created,
+    Syncing,
+    Synced,
+    Broken(String),
+}
+
+struct NameState {
+    phase: Phase,
+    watch: Option<(u64, i64)>,
+    /// The queue is exact as of this revision.
+    rev: i64,
+    pending: Vec<Change>,
+    by_rev: BTreeMap<i64, LockMode>,
+    by_key: HashMap<Vec<u8>, i64>,
+}
+
+enum Change {
+    Put { key: Vec<u8>, create_rev: i64, mod_rev: i64 },
+    Delete { key: Vec<u8>, mod_rev: i64 },
+}
+
+impl Change {
+    fn mod_rev(&self) -> i64 {
+        match self {
+            Self::Put { mod_rev, .. } | Self::Delete { mod_rev, .. } => *mod_rev,
+        }
+    }
+}
+
+/// A read-only view of a name's queue, given to a waiter's decision.
+pub(crate) struct Queue<'a> {
+    state: &'a NameState,
+}
+
+impl Queue<'_> {
+    /// The revision the queue is exact at.
+    pub(crate) fn revision(&self) -> i64 {
+        self.state.rev
+    }
+
+    /// `true` while `key` is in the queue.
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        self.state.by_key.contains_key(key)
+    }
+
+    /// The modes of the keys created before `rev`, oldest first.
+    pub(crate) fn before(&self, rev: i64) -> impl Iterator<Item = LockMode> + '_ {
+        self.state.by_rev.range(..rev).map(|(_, m)| *m)
+    }
+}
+
+impl NameState {
+    fn apply(&mut self, keys: &NameKeys, change: Change) {
+        if change.mod_rev() <= self.rev {
+            return; // already in the snapshot
+        }
+        self.rev = change.mod_rev();
+        match change {
+            Change::Put {
+                key, create_rev, ..
+            } => {
+                self.by_rev.insert(create_rev, keys.mode_of(&key));
+                self.by_key.insert(key, create_rev);
+            }
+            Change::Delete { key, .. } => {
+                if let Some(rev) = self.by_key.remove(&key) {
+                    self.by_rev.remove(&rev);
+                }
+            }
+        }
+    }
+}
+
+impl NameWatch {
+    fn new(keys: NameKeys) -> Arc<Self> {
+        Arc::new(Self {
+            keys,
+            state: Mutex::new(NameState {
+                phase: Phase::Creating,
+                watch: None,
+                rev: 0,
+                pending: Vec::new(),
+                by_rev: BTreeMap::new(),
+                by_key: HashMap::new(),
+            }),
+            changed: watch::channel(()).0,
+            users: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut NameState)) {
+        f(&mut lock(&self.state));
+        self.changed.send_replace(());
+    }
+
+    fn break_with(&self, reason: &str) {
+        self.update(|s| s.phase = Phase::Broken(reason.to_string()));
+    }
+
+    fn is_broken(&self) -> bool {
+        matches!(lock(&self.state).phase, Phase::Broken(_))
+    }
+
+    fn on_events(&self, resp: &WatchResponse) {
+        self.update(|s| {
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let change = match event.event_type() {
+                    EventType::Put => Change::Put {
+                        key: kv.key().to_vec(),
+                        create_rev: kv.create_revision(),
+                        mod_rev: kv.mod_revision(),
+                    },
+                    EventType::Delete => Change::Delete {
+                        key: kv.key().to_vec(),
+                        mod_rev: kv.mod_revision(),
+                    },
+                };
+                if s.phase == Phase::Synced {
+                    s.apply(&self.keys, change);
+                } else {
+                    s.pending.push(change);
+                }
+            }
+        });
+    }
+}
+
+/// A waiter's hold on a name's queue; the watch closes some time after the
+/// last one is dropped.
+pub(crate) struct Subscription {
+    name: Arc<NameWatch>,
+    hub: Weak<Hub>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.name.users.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let epoch = self.name.epoch.load(Ordering::Acquire);
+        let name = Arc::clone(&self.name);
+        let hub = self.hub.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            if name.users.load(Ordering::Acquire) == 0 && name.epoch.load(Ordering::Acquire) == epoch
+            {
+                if let Some(hub) = hub.upgrade() {
+                    hub.close(&name).await;
+                }
+            }
+        });
+    }
+}
+
+impl Subscription {
+    /// Waits until `decide` returns a value for the name's queue. Fails when
+    /// the watch breaks (stream lost, etcd unreachable).
+    pub(crate) async fn wait_until<T>(
+        &self,
+        mut decide: impl FnMut(&Queue<'_>) -> Option<T>,
+    ) -> Result<T, LockError> {
+        let mut changed = self.name.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            {
+                let state = lock(&self.name.state);
+                if let Phase::Broken(reason) = &state.phase {
+                    return Err(broken(reason));
+                }
+                if let Some(decision) = decide(&Queue { state: &state }) {
+                    return Ok(decision);
+                }
+            }
+            if changed.changed().await.is_err() {
+                return Err(broken("watch closed"));
+            }
+        }
+    }
+}
+
+fn broken(reason: &str) -> LockError {
+    LockError::Unavailable {
+        message: format!("etcd watch broke: {reason}"),
+        source: None,
+    }
+}
+
+impl Watcher {
+    pub(crate) fn new(client: etcd_client::Client, request_timeout: Duration) -> Self {
+        Self {
+            client,
+            request_timeout,
+            hub: Arc::new(Hub {
+                names: Mutex::new(HashMap::new()),
+                sender: tokio::sync::Mutex::new(None),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many names are watched right now.
+    pub(crate) fn watched_names(&self) -> usize {
+        lock(&self.hub.names).len()
+    }
+
+    /// Subscribes to the queue of `keys`' name, opening its watch and reading
+    /// its keys if no waiter of this locker did already. Bounded by twice the
+    /// request timeout.
+    pub(crate) async fn subscribe(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
+        let budget = self.request_timeout * 2;
+        match tokio::time::timeout(budget, self.subscribe_inner(keys)).await {
+            Ok(result) => result,
+            Err(_) => Err(LockError::Unavailable {
+                message: format!("etcd watch was not ready within {budget:?}"),
+                source: None,
+            }),
+        }
+    }
+
+    async fn subscribe_inner(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
+        let (name, is_new) = {
+            let mut names = lock(&self.hub.names);
+            match names.get(keys.prefix()) {
+                Some(existing) if !existing.is_broken() => (Arc::clone(existing), false),
+                _ => {
+                    let fresh = NameWatch::new(keys.clone());
+                    names.insert(Arc::from(keys.prefix()), Arc::clone(&fresh));
+                    (fresh, true)
+                }
+            }
+        };
+        name.users.fetch_add(1, Ordering::AcqRel);
+        name.epoch.fetch_add(1, Ordering::AcqRel);
+        let subscription = Subscription {
+            name: Arc::clone(&name),
+            hub: Arc::downgrade(&self.hub),
+        };
+        if is_new {
+            if let Err(err) = self.send_create(&name).await {
+                name.break_with(&err.to_string());
+                return Err(err);
+            }
+        }
+        let mut changed = name.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let must_sync = {
+                let mut state = lock(&name.state);
+                match &state.phase {
+                    Phase::Synced => return Ok(subscription),
+                    Phase::Broken(reason) => return Err(broken(reason)),
+                    Phase::Created => {
+                        state.phase = Phase::Syncing;
+                        true
+                    }
+                    Phase::Creating | Phase::Syncing => false,
+                }
+            };
+            if must_sync {
+                self.sync(&name).await?;
+            } else if changed.changed().await.is_err() {
+                return Err(broken("watch closed"));
+            }
+        }
+    }
+
+    /// Reads the name's keys (after its watch exists) and merges the events
+    /// that arrived meanwhile.
+    async fn sync(&self, name: &NameWatch) -> Result<(), LockError> {
+        let mut kv = self.client.kv_client();
+        let prefix = name.keys.prefix().to_string();
+        let read = rpc::with_timeout(self.request_timeout, "range", async {
+            kv.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+                .await
+        })
+        .await;
+        let snapshot = match read {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                name.break_with(&err.to_string());
+                return Err(err);
+            }
+        };
+        let rev = snapshot.header().map_or(0, |h| h.revision());
+        name.update(|s| {
+            s.rev = rev;
+            for kv in snapshot.kvs() {
+                s.by_rev
+                    .insert(kv.create_revision(), name.keys.mode_of(kv.key()));
+                s.by_key.insert(kv.key().to_vec(), kv.create_revision());
+            }
+            for change in std::mem::take(&mut s.pending) {
+                s.apply(&name.keys, change);
+            }
+            if s.phase == Phase::Syncing {
+                s.phase = Phase::Synced;
+            }
+        });
+        Ok(())
+    }
+
+    async fn send_create(&self, name: &Arc<NameWatch>) -> Result<(), LockError> {
+        let options = WatchOptions::new().with_prefix();
+        let prefix = name.keys.prefix().to_string();
+        let mut sender = self.hub.sender.lock().await;
+        if let Some(open) = sender.as_mut() {
+            lock(&open.stream.creating).push_back(Arc::clone(name));
+            if open.tx.watch(prefix.clone(), Some(options.clone())).await.is_ok() {
+                return Ok(());
+            }
+            // The stream is gone; its reader breaks its watches. Open another.
+            *sender = None;
+        }
+        let stream = Arc::new(StreamState {
+            generation: self.hub.generation.fetch_add(1, Ordering::AcqRel) + 1,
+            ..StreamState::default()
+        });
+        lock(&stream.creating).push_back(Arc::clone(name));
+        let mut client = self.client.watch_client();
+        let opened = rpc::with_timeout(self.request_timeout, "watch", async {
+            client.watch(prefix, Some(options)).await
+        })
+        .await?;
+        let (tx, rx) = opened.split();
+        tokio::spawn(read_stream(
+            Arc::downgrade(&self.hub),
+            Arc::clone(&stream),
+            rx,
+        ));
+        *sender = Some(StreamTx { tx, stream });
+        Ok(())
+    }
+}
+
+impl Hub {
+    /// Closes the watch of an idle name.
+    async fn close(&self, name: &Arc<NameWatch>) {
+        {
+            let mut names = lock(&self.names);
+            if name.users.load(Ordering::Acquire) != 0 {
+                return;
+            }
+            if names
+                .get(name.keys.prefix())
+                .is_some_and(|n| Arc::ptr_eq(n, name))
+            {
+                names.remove(name.keys.prefix());
+            }
+        }
+        let watch = lock(&name.state).watch;
+        name.break_with("closed while idle");
+        let Some((generation, id)) = watch else { return };
+        let mut sender = self.sender.lock().await;
+        if let Some(open) = sender.as_mut() {
+            if open.stream.generation == generation {
+                lock(&open.stream.by_id).remove(&id);
+                if open.tx.cancel(id).await.is_err() {
+                    *sender = None;
+                }
+            }
+        }
+    }
+}
+
+/// Routes one stream's responses to the names' queues until it ends, then
+/// breaks every watch it carried so their waiters resubscribe.
+async fn read_stream(hub: Weak<Hub>, stream: Arc<StreamState>, mut rx: WatchResponseStream) {
+    let reason = loop {
+        let resp = match rx.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => break "watch stream ended".to_string(),
+            Err(err) => break format!("watch stream failed: {err}"),
+        };
+        if hub.strong_count() == 0 {
+            break "locker dropped".to_string();
+        }
+        let id = resp.watch_id();
+        if resp.created() {
+            let Some(name) = lock(&stream.creating).pop_front() else {
+                continue;
+            };
+            if resp.canceled() {
+                name.break_with(resp.cancel_reason());
+                continue;
+            }
+            lock(&stream.by_id).insert(id, Arc::clone(&name));
+            name.update(|s| {
+                s.watch = Some((stream.generation, id));
+                if s.phase == Phase::Creating {
+                    s.phase = Phase::Created;
+                }
+            });
+        }
+        let name = lock(&stream.by_id).get(&id).cloned();
+        let Some(name) = name else { continue };
+        if !resp.events().is_empty() {
+            name.on_events(&resp);
+        }
+        if resp.canceled() {
+            lock(&stream.by_id).remove(&id);
+            let why = match resp.compact_revision() {
+                0 => resp.cancel_reason().to_string(),
+                rev => format!("compacted at revision {rev}"),
+            };
+            name.break_with(&why);
+        }
+    };
+    tracing::debug!(generation = stream.generation, %reason, "watch stream closed");
+    let mut orphans: Vec<Arc<NameWatch>> = lock(&stream.creating).drain(..).collect();
+    orphans.extend(lock(&stream.by_id).drain().map(|(_, n)| n));
+    for name in orphans {
+        name.break_with(&reason);
+    }
+    if let Some(hub) = hub.upgrade() {
+        let mut sender = hub.sender.lock().await;
+        if sender
+            .as_ref()
+            .is_some_and(|s| s.stream.generation == stream.generation)
+        {
+            *sender = None;
+        }
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![deny(missing_docs, unreachable_pub, unsafe_code)]
+#![warn(rust_2018_idioms)]
+
+mod error;
+mod guard;
+mod locker;
+mod memory;
+mod mode;
+mod name;
+mod trace;
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+pub use error::{BoxError, Holder, LockError};
+pub use guard::{BoxFuture, LockGuard, LockInfo, LostSignal, LostTrigger, Release};
+pub use locker::{Locker, Wait};
+pub use memory::MemoryLocker;
+pub use mode::LockMode;
+pub use name::{InvalidName, LockName, MAX_NAME_LEN};

@@ -1,0 +1,58 @@
+//! The backend-neutral [`Locker`] trait and how long an acquisition may wait.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{LockError, LockGuard, LockMode, LockName};
+
+/// How long an acquisition may wait for a contended name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Wait {
+    /// Do not wait: a contended name fails at once with [`LockError::Locked`].
+    #[default]
+    Try,
+    /// Wait in line up to this long, then fail with [`LockError::Timeout`].
+    /// [`Duration::MAX`] waits without limit.
+    Timeout(Duration),
+}
+
+/// Something that hands out locks by name.
+///
+/// Implemented by [`EtcdLocker`](crate::etcd::EtcdLocker) and
+/// [`MemoryLocker`](crate::MemoryLocker). A locker is a cheap handle: clone it
+/// freely, every clone shares the same state (for etcd: one lease, one watch
+/// stream).
+///
+/// Backends without watches or shared leases (blob leases, conditional writes)
+/// fit too: `lock` may poll internally, and the [`LockGuard`] they return
+/// carries their own renewal through its [`Release`](crate::Release) handle
+/// and [`LostSignal`](crate::LostSignal).
+pub trait Locker: Clone + Send + Sync + 'static {
+    /// Acquires `name` in `mode`, waiting as `wait` allows.
+    ///
+    /// Dropping the returned future cancels the acquisition and leaves nothing
+    /// behind.
+    fn lock(
+        &self,
+        name: &LockName,
+        mode: LockMode,
+        wait: Wait,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
+
+    /// Takes `name` exclusively if it is free, else fails with [`LockError::Locked`].
+    fn try_acquire(
+        &self,
+        name: &LockName,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.lock(name, LockMode::Exclusive, Wait::Try)
+    }
+
+    /// Takes `name` exclusively, waiting in line up to `timeout`.
+    fn acquire(
+        &self,
+        name: &LockName,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.lock(name, LockMode::Exclusive, Wait::Timeout(timeout))
+    }
+}

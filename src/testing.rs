@@ -1,0 +1,279 @@
+//! Throwaway etcd servers for tests (feature `test-util`).
+//!
+//! [`EtcdServer::start`] runs the `etcd` binary (or `$ETCD_BIN`) on free
+//! loopback ports with a temporary data dir, waits until it answers, and kills
+//! it when dropped. [`EtcdCluster::start`] does the same for three members, for
+//! fault tests that kill, pause or restart one.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_lease_lock::{etcd::EtcdLocker, testing::EtcdServer};
+//!
+//! let etcd = EtcdServer::start().await?;
+//! let locker = EtcdLocker::new(etcd.client().await?)?;
+//! # Ok(()) }
+//! ```
+
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a fresh etcd may take to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The prefix of every data dir, so leftovers can be found (`pgrep -f tll-etcd-`).
+pub const DATA_DIR_PREFIX: &str = "tll-etcd-";
+
+/// One etcd member process.
+#[derive(Debug)]
+pub struct EtcdMember {
+    name: String,
+    client_url: String,
+    peer_url: String,
+    initial_cluster: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+    paused: AtomicBool,
+}
+
+/// A single-member etcd for one test.
+#[derive(Debug)]
+pub struct EtcdServer {
+    member: EtcdMember,
+    _dir: tempfile::TempDir,
+}
+
+/// A three-member etcd cluster for fault tests.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    _dir: tempfile::TempDir,
+}
+
+fn etcd_bin() -> String {
+    std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdMember {
+    fn new(name: &str, data_dir: &Path, initial_cluster: String, ports: (u16, u16)) -> Self {
+        Self {
+            name: name.to_string(),
+            client_url: format!("http://127.0.0.1:{}", ports.0),
+            peer_url: format!("http://127.0.0.1:{}", ports.1),
+            initial_cluster,
+            data_dir: data_dir.join(name),
+            child: None,
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let state = if self.data_dir.join("member").exists() {
+            "existing"
+        } else {
+            "new"
+        };
+        let child = Command::new(etcd_bin())
+            .args(["--name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &self.client_url])
+            .args(["--advertise-client-urls", &self.client_url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "tower-lease-lock-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start etcd ({}): {e}; install etcd-server", etcd_bin()),
+                )
+            })?;
+        self.child = Some(child);
+        self.paused.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The client URL, `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> &str {
+        &self.client_url
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the member at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused.swap(false, Ordering::Relaxed) {
+                signal(child.id(), "CONT");
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the member (SIGSTOP): it keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+            self.paused.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Thaws a paused member (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+            self.paused.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts the member again on the same ports and data dir.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_ready(endpoints: &[String]) -> io::Result<()> {
+    let started = Instant::now();
+    let mut last_error = String::new();
+    while started.elapsed() < START_TIMEOUT {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(2));
+        match etcd_client::Client::connect(endpoints, Some(options)).await {
+            Ok(mut client) => match client.get("tll-ready-probe", None).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last_error = e.to_string(),
+            },
+            Err(e) => last_error = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("etcd did not answer within {START_TIMEOUT:?}: {last_error}"),
+    ))
+}
+
+fn temp_dir() -> io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(DATA_DIR_PREFIX).tempdir()
+}
+
+impl EtcdServer {
+    /// Starts a single member on free ports and waits until it answers.
+    pub async fn start() -> io::Result<Self> {
+        let dir = temp_dir()?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let mut member = EtcdMember::new(
+            "n1",
+            dir.path(),
+            format!("n1=http://127.0.0.1:{peer}"),
+            (client, peer),
+        );
+        member.spawn()?;
+        wait_ready(&[member.client_url.clone()]).await?;
+        Ok(Self { member, _dir: dir })
+    }
+
+    /// The client URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.member.client_url.clone()]
+    }
+
+    /// A new client connected to this server.
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        connect(&self.endpoints()).await
+    }
+
+    /// The member process, to kill, pause or restart it.
+    pub fn member(&mut self) -> &mut EtcdMember {
+        &mut self.member
+    }
+
+    /// Restarts the server and waits until it answers again.
+    pub async fn restart(&mut self) -> io::Result<()> {
+        self.member.restart()?;
+        wait_ready(&self.endpoints()).await
+    }
+}
+
+impl EtcdCluster {
+    /// Starts three members on free ports and waits until the cluster answers.
+    pub async fn start() -> io::Result<Self> {
+        let dir = temp_dir()?;
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            ports.push((free_port()?, free_port()?));
+        }
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("n{}=http://127.0.0.1:{peer}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let mut member = EtcdMember::new(&format!("n{}", i + 1), dir.path(), initial.clone(), *p);
+            member.spawn()?;
+            members.push(member);
+        }
+        let cluster = Self { members, _dir: dir };
+        wait_ready(&cluster.endpoints()).await?;
+        Ok(cluster)
+    }
+
+    /// The client URLs of all members.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// A new client connected to every member.
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        connect(&self.endpoints()).await
+    }
+
+    /// Member `i` (0, 1 or 2).
+    pub fn member(&mut self, i: usize) -> Option<&mut EtcdMember> {
+        self.members.get_mut(i)
+    }
+}
+
+async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    etcd_client::Client::connect(endpoints, Some(options)).await
+}
