@@ -11,14 +11,18 @@ mod mode;
 mod name;
 mod trace;
 
+#[cfg(feature = "axum")]
+pub mod axum;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod layer;
 
 #[cfg(feature = "test-util")]
 pub mod testing;
 
 pub use error::{BoxError, Holder, LockError};
 pub use guard::{BoxFuture, LockGuard, LockInfo, LostSignal, LostTrigger, Release};
+pub use layer::{Key, LockLayer};
 pub use locker::{Locker, Wait};
 pub use memory::MemoryLocker;
 pub use mode::LockMode;

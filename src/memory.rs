@@ -86,7 +86,9 @@ impl Inner {
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this mutex cannot leave the maps half-updated
         // (every critical section is a single insert or remove), so recover.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn check(&self, name: &LockName, token: u64, mode: LockMode) -> (Grant, Option<u64>) {
@@ -95,7 +97,10 @@ impl Inner {
             return (Grant::Granted, None);
         };
         let first = queue.entries.keys().next().copied().filter(|t| *t != token);
-        (grant(mode, queue.entries.range(..token).map(|(_, m)| *m)), first)
+        (
+            grant(mode, queue.entries.range(..token).map(|(_, m)| *m)),
+            first,
+        )
     }
 
     fn remove(&self, name: &LockName, token: u64) {

@@ -101,7 +101,10 @@ impl EtcdMember {
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot start etcd ({}): {e}; install etcd-server", etcd_bin()),
+                    format!(
+                        "cannot start etcd ({}): {e}; install etcd-server",
+                        etcd_bin()
+                    ),
                 )
             })?;
         self.child = Some(child);
@@ -246,7 +249,8 @@ impl EtcdCluster {
             .join(",");
         let mut members = Vec::new();
         for (i, p) in ports.iter().enumerate() {
-            let mut member = EtcdMember::new(&format!("n{}", i + 1), dir.path(), initial.clone(), *p);
+            let mut member =
+                EtcdMember::new(&format!("n{}", i + 1), dir.path(), initial.clone(), *p);
             member.spawn()?;
             members.push(member);
         }

@@ -50,7 +50,9 @@ pub(super) async fn lock(
             match Acquisition::start(inner, name, mode, wait, started).await {
                 // etcd dropped our lease before we noticed: start over once,
                 // with a fresh lease.
-                Err((err, Some(session))) if attempt == 1 && rpc::lock_error_is_lease_not_found(&err) => {
+                Err((err, Some(session)))
+                    if attempt == 1 && rpc::lock_error_is_lease_not_found(&err) =>
+                {
                     session.mark_lost("etcd reports the lease not found");
                     inner.sessions.forget(&session);
                 }
@@ -142,7 +144,10 @@ impl<'a> Acquisition<'a> {
         if let Some((start, end)) = self.keys.compatible_range(self.mode) {
             // Counted only for permits; shared needs no count.
             if matches!(self.mode, LockMode::Permits(_)) {
-                then.push(TxnOp::get(start, Some(GetOptions::new().with_range(end).with_count_only())));
+                then.push(TxnOp::get(
+                    start,
+                    Some(GetOptions::new().with_range(end).with_count_only()),
+                ));
             }
         }
         let otherwise: Vec<TxnOp> = incompatible
@@ -199,8 +204,15 @@ impl<'a> Acquisition<'a> {
             Grant::Mismatch(theirs) => return Err(self.mismatch(theirs)),
             Grant::Wait => {}
         }
-        tracing::debug!(lock.token = token, queued_behind = earlier.len(), "waiting in line");
-        let deadline = self.started.checked_add(timeout).map(tokio::time::Instant::from_std);
+        tracing::debug!(
+            lock.token = token,
+            queued_behind = earlier.len(),
+            "waiting in line"
+        );
+        let deadline = self
+            .started
+            .checked_add(timeout)
+            .map(tokio::time::Instant::from_std);
         let waiting = self.wait_in_line(inner, session, token);
         let outcome = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, waiting).await,
@@ -217,7 +229,12 @@ impl<'a> Acquisition<'a> {
     }
 
     /// Waits until our key, created at `token`, is first in line for its mode.
-    async fn wait_in_line(&self, inner: &Inner, session: &Session, token: i64) -> Result<(), LockError> {
+    async fn wait_in_line(
+        &self,
+        inner: &Inner,
+        session: &Session,
+        token: i64,
+    ) -> Result<(), LockError> {
         let own = self.own()?;
         let lost = session.signal().lost();
         tokio::pin!(lost);
@@ -232,7 +249,8 @@ impl<'a> Acquisition<'a> {
                         if !queue.contains(own.key.as_bytes()) {
                             return Some(Err(LockError::Lost {
                                 name: self.name.clone(),
-                                reason: "our lock key was deleted while waiting (lease expired?)".into(),
+                                reason: "our lock key was deleted while waiting (lease expired?)"
+                                    .into(),
                             }));
                         }
                         match grant(self.mode, queue.before(token)) {
@@ -259,7 +277,10 @@ impl<'a> Acquisition<'a> {
 
     async fn txn(&self, inner: &Inner, txn: Txn) -> Result<TxnResponse, LockError> {
         let mut kv = inner.client.kv_client();
-        rpc::with_timeout(inner.config.request_timeout, "txn", async move { kv.txn(txn).await }).await
+        rpc::with_timeout(inner.config.request_timeout, "txn", async move {
+            kv.txn(txn).await
+        })
+        .await
     }
 
     fn granted(&mut self, token: i64) -> Result<LockGuard, LockError> {

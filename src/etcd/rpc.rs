@@ -14,7 +14,10 @@ pub(crate) async fn with_timeout<T>(
 ) -> Result<T, LockError> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(LockError::unavailable(format!("etcd {what} failed: {err}"), err)),
+        Ok(Err(err)) => Err(LockError::unavailable(
+            format!("etcd {what} failed: {err}"),
+            err,
+        )),
         Err(_) => Err(LockError::Unavailable {
             message: format!("etcd {what} did not answer within {timeout:?}"),
             source: None,

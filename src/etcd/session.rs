@@ -100,7 +100,11 @@ impl Sessions {
             lease_id: granted.id(),
             trigger,
         });
-        tracing::debug!(lease_id = granted.id(), ttl = granted.ttl(), "lease granted");
+        tracing::debug!(
+            lease_id = granted.id(),
+            ttl = granted.ttl(),
+            "lease granted"
+        );
         let renewal = Renewal {
             session: Arc::downgrade(&session),
             lease_id: granted.id(),
@@ -158,7 +162,9 @@ impl Renewal {
                 _ = &mut lost => break,
                 _ = tokio::time::sleep_until(next.min(self.deadline)) => {}
             }
-            let Some(session) = self.session.upgrade() else { break };
+            let Some(session) = self.session.upgrade() else {
+                break;
+            };
             let now = Instant::now();
             if now >= self.deadline {
                 session.mark_lost("lease renewal failed until the local deadline");
@@ -221,7 +227,12 @@ impl Renewal {
     /// Best effort: frees the lease's keys at once instead of at expiry.
     async fn revoke(&mut self) {
         self.stream = None;
-        let revoked = tokio::time::timeout(self.request_timeout, self.leases.revoke(self.lease_id)).await;
-        tracing::debug!(lease_id = self.lease_id, ok = matches!(revoked, Ok(Ok(_))), "lease revoked");
+        let revoked =
+            tokio::time::timeout(self.request_timeout, self.leases.revoke(self.lease_id)).await;
+        tracing::debug!(
+            lease_id = self.lease_id,
+            ok = matches!(revoked, Ok(Ok(_))),
+            "lease revoked"
+        );
     }
 }

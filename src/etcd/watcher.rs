@@ -91,8 +91,15 @@ struct NameState {
 }
 
 enum Change {
-    Put { key: Vec<u8>, create_rev: i64, mod_rev: i64 },
-    Delete { key: Vec<u8>, mod_rev: i64 },
+    Put {
+        key: Vec<u8>,
+        create_rev: i64,
+        mod_rev: i64,
+    },
+    Delete {
+        key: Vec<u8>,
+        mod_rev: i64,
+    },
 }
 
 impl Change {
@@ -223,7 +230,8 @@ impl Drop for Subscription {
         let hub = self.hub.clone();
         runtime.spawn(async move {
             tokio::time::sleep(LINGER).await;
-            if name.users.load(Ordering::Acquire) == 0 && name.epoch.load(Ordering::Acquire) == epoch
+            if name.users.load(Ordering::Acquire) == 0
+                && name.epoch.load(Ordering::Acquire) == epoch
             {
                 if let Some(hub) = hub.upgrade() {
                     hub.close(&name).await;
@@ -351,8 +359,11 @@ impl Watcher {
         let mut kv = self.client.kv_client();
         let prefix = name.keys.prefix().to_string();
         let read = rpc::with_timeout(self.request_timeout, "range", async {
-            kv.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
-                .await
+            kv.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
         })
         .await;
         let snapshot = match read {
@@ -386,7 +397,12 @@ impl Watcher {
         let mut sender = self.hub.sender.lock().await;
         if let Some(open) = sender.as_mut() {
             lock(&open.stream.creating).push_back(Arc::clone(name));
-            if open.tx.watch(prefix.clone(), Some(options.clone())).await.is_ok() {
+            if open
+                .tx
+                .watch(prefix.clone(), Some(options.clone()))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             // The stream is gone; its reader breaks its watches. Open another.
@@ -430,7 +446,9 @@ impl Hub {
         }
         let watch = lock(&name.state).watch;
         name.break_with("closed while idle");
-        let Some((generation, id)) = watch else { return };
+        let Some((generation, id)) = watch else {
+            return;
+        };
         let mut sender = self.sender.lock().await;
         if let Some(open) = sender.as_mut() {
             if open.stream.generation == generation {
