@@ -309,17 +309,19 @@ impl Watcher {
     async fn subscribe_inner(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
         let (name, is_new) = {
             let mut names = lock(&self.hub.names);
-            match names.get(keys.prefix()) {
+            let (name, is_new) = match names.get(keys.prefix()) {
                 Some(existing) if !existing.is_broken() => (Arc::clone(existing), false),
                 _ => {
                     let fresh = NameWatch::new(keys.clone());
                     names.insert(Arc::from(keys.prefix()), Arc::clone(&fresh));
                     (fresh, true)
                 }
-            }
+            };
+            // Counted under the map's lock, so an idle close cannot race us.
+            name.users.fetch_add(1, Ordering::AcqRel);
+            name.epoch.fetch_add(1, Ordering::AcqRel);
+            (name, is_new)
         };
-        name.users.fetch_add(1, Ordering::AcqRel);
-        name.epoch.fetch_add(1, Ordering::AcqRel);
         let subscription = Subscription {
             name: Arc::clone(&name),
             hub: Arc::downgrade(&self.hub),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing tower-lease-lock needs, only when missing:
+# protoc (etcd-client's build script), etcd (tests, demo) and etcdctl (interop
+# tests). Uses apt-get (through sudo when not root); elsewhere it says what to
+# install and fails.
+set -euo pipefail
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; install a Rust toolchain (https://rustup.rs)" >&2
+  exit 1
+fi
+
+missing=()
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "error: missing ${missing[*]} (Debian package names)." >&2
+  echo "Install protoc (protobuf compiler), etcd 3.4+ and etcdctl with your package manager, then retry." >&2
+  exit 1
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1; then
+    echo "error: need root or sudo to install ${missing[*]}" >&2
+    exit 1
+  fi
+  sudo="sudo"
+fi
+echo "installing ${missing[*]} with apt-get" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
