@@ -16,10 +16,11 @@ use std::fmt;
 use std::num::NonZeroU32;
 
 /// How a name is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum LockMode {
     /// One holder at a time (a write lock). The default.
+    #[default]
     Exclusive,
     /// Any number of shared holders at once, but never together with an
     /// exclusive one (a read lock).
@@ -43,12 +44,6 @@ impl LockMode {
             Self::Shared => "shared",
             Self::Permits(_) => "permits",
         }
-    }
-}
-
-impl Default for LockMode {
-    fn default() -> Self {
-        Self::Exclusive
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::time::Duration;
 use tracing::Instrument;
 
 use super::keys::NameKeys;
+use super::local::Claim;
 use super::release::OwnKey;
 use super::session::Session;
 use super::{rpc, Inner};
@@ -98,8 +99,21 @@ impl<'a> Acquisition<'a> {
         let seq = inner.next_seq();
         let key: Arc<str> = Arc::from(keys.key(mode, session.lease_id(), seq));
         let is_try = wait == Wait::Try;
-        if let Some(err) = inner.local.claim(name, &prefix, mode, seq, &key, is_try) {
-            return Err((err, None));
+        loop {
+            match inner.local.claim(name, &prefix, mode, seq, &key, is_try) {
+                Claim::Claimed => break,
+                Claim::Refused(err) => return Err((err, None)),
+                Claim::AfterRelease(released) => {
+                    let limit = inner.config.request_timeout;
+                    if tokio::time::timeout(limit, released).await.is_err() {
+                        let err = LockError::Unavailable {
+                            message: format!("our own release of {name:?} took over {limit:?}"),
+                            source: None,
+                        };
+                        return Err((err, None));
+                    }
+                }
+            }
         }
         let mut this = Acquisition {
             name,

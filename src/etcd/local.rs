@@ -1,16 +1,31 @@
 //! The keys this locker has in etcd right now, by name: the in-process fast
-//! path. A try-acquisition that conflicts with one of our own keys is answered
-//! `Locked` without a round trip.
+//! path.
+//!
+//! A try-acquisition that conflicts with one of our own live keys is answered
+//! `Locked` without a round trip. One that conflicts only with our own keys
+//! whose release is in flight waits for those deletes first (bounded by the
+//! request timeout), so a request that follows its predecessor's response on
+//! the same process never races the predecessor's release.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 use crate::mode::{grant, Grant};
 use crate::{Holder, LockError, LockMode, LockName};
 
 #[derive(Default)]
 pub(crate) struct LocalKeys {
-    names: Mutex<HashMap<Arc<str>, Vec<LocalKey>>>,
+    names: Mutex<HashMap<Arc<str>, LocalName>>,
+}
+
+#[derive(Default)]
+struct LocalName {
+    keys: Vec<LocalKey>,
+    /// Woken whenever one of `keys` is removed.
+    removed: Arc<Notify>,
 }
 
 struct LocalKey {
@@ -18,16 +33,26 @@ struct LocalKey {
     mode: LockMode,
     key: Arc<str>,
     token: Option<u64>,
+    releasing: bool,
+}
+
+/// The outcome of [`LocalKeys::claim`].
+pub(crate) enum Claim {
+    /// Recorded as ours; go ahead.
+    Claimed,
+    /// Refused without a round trip.
+    Refused(LockError),
+    /// Only our own releases in flight stand in the way: wait, then claim again.
+    AfterRelease(OwnedNotified),
 }
 
 impl LocalKeys {
-    fn names(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<LocalKey>>> {
+    fn names(&self) -> MutexGuard<'_, HashMap<Arc<str>, LocalName>> {
         // Each critical section is one insert or remove: a poisoned map is whole.
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// If our own keys already exclude a try of `mode`, the error to answer.
-    /// Otherwise records `key` as ours (pending) and returns `None`.
+    /// For a try, checks our own keys first; then records `key` as ours.
     pub(crate) fn claim(
         &self,
         name: &LockName,
@@ -36,58 +61,73 @@ impl LocalKeys {
         seq: u64,
         key: &Arc<str>,
         is_try: bool,
-    ) -> Option<LockError> {
+    ) -> Claim {
         let mut names = self.names();
         let ours = names.entry(Arc::clone(prefix)).or_default();
         if is_try {
-            match grant(mode, ours.iter().map(|k| k.mode)) {
+            let live = ours.keys.iter().filter(|k| !k.releasing);
+            match grant(mode, live.map(|k| k.mode)) {
                 Grant::Granted => {}
                 Grant::Wait => {
-                    let first = ours.first();
+                    let first = ours.keys.iter().find(|k| !k.releasing);
                     let holder = Holder {
                         token: first.and_then(|k| k.token),
                         key: first.map(|k| k.key.to_string()),
                         lease_id: None,
                         same_locker: true,
                     };
-                    return Some(LockError::Locked {
+                    return Claim::Refused(LockError::Locked {
                         name: name.clone(),
                         holder: Some(holder),
                     });
                 }
                 Grant::Mismatch(theirs) => {
-                    return Some(LockError::ModeConflict {
+                    return Claim::Refused(LockError::ModeConflict {
                         name: name.clone(),
                         ours: mode,
                         theirs,
                     })
                 }
             }
+            if grant(mode, ours.keys.iter().map(|k| k.mode)) != Grant::Granted {
+                return Claim::AfterRelease(Arc::clone(&ours.removed).notified_owned());
+            }
         }
-        ours.push(LocalKey {
+        ours.keys.push(LocalKey {
             seq,
             mode,
             key: Arc::clone(key),
             token: None,
+            releasing: false,
         });
-        None
+        Claim::Claimed
     }
 
-    pub(crate) fn set_token(&self, prefix: &str, seq: u64, token: u64) {
+    fn with_key(&self, prefix: &str, seq: u64, f: impl FnOnce(&mut LocalKey)) {
         if let Some(k) = self
             .names()
             .get_mut(prefix)
-            .and_then(|ours| ours.iter_mut().find(|k| k.seq == seq))
+            .and_then(|ours| ours.keys.iter_mut().find(|k| k.seq == seq))
         {
-            k.token = Some(token);
+            f(k);
         }
+    }
+
+    pub(crate) fn set_token(&self, prefix: &str, seq: u64, token: u64) {
+        self.with_key(prefix, seq, |k| k.token = Some(token));
+    }
+
+    /// Our key is being deleted: it no longer refuses tries, it delays them.
+    pub(crate) fn set_releasing(&self, prefix: &str, seq: u64) {
+        self.with_key(prefix, seq, |k| k.releasing = true);
     }
 
     pub(crate) fn remove(&self, prefix: &str, seq: u64) {
         let mut names = self.names();
         if let Some(ours) = names.get_mut(prefix) {
-            ours.retain(|k| k.seq != seq);
-            if ours.is_empty() {
+            ours.keys.retain(|k| k.seq != seq);
+            ours.removed.notify_waiters();
+            if ours.keys.is_empty() {
                 names.remove(prefix);
             }
         }
@@ -95,6 +135,6 @@ impl LocalKeys {
 
     /// How many of our keys exist (held or waiting).
     pub(crate) fn len(&self) -> usize {
-        self.names().values().map(Vec::len).sum()
+        self.names().values().map(|n| n.keys.len()).sum()
     }
 }

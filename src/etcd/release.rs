@@ -32,6 +32,7 @@ impl OwnKey {
     /// Deletes the key, retrying until etcd confirms or the lease is lost
     /// (which removes the key anyway). Never leaves a key behind a live lease.
     pub(crate) async fn delete(self) {
+        self.inner.local.set_releasing(&self.prefix, self.seq);
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.delete_once().await {
@@ -52,6 +53,7 @@ impl OwnKey {
 
     /// Deletes the key from a task of its own.
     pub(crate) fn delete_in_background(self) {
+        self.inner.local.set_releasing(&self.prefix, self.seq);
         match self
             .runtime
             .clone()
@@ -74,6 +76,7 @@ impl OwnKey {
 impl Release for OwnKey {
     fn release(self: Box<Self>) -> BoxFuture<Result<(), LockError>> {
         Box::pin(async move {
+            self.inner.local.set_releasing(&self.prefix, self.seq);
             match self.delete_once().await {
                 Ok(()) => {
                     self.forget();
