@@ -178,7 +178,10 @@ async fn a_writer_does_not_starve_under_a_stream_of_readers() {
         readers.push(tokio::spawn(async move {
             let mut n = 0u32;
             while !stop.load(Ordering::SeqCst) {
-                let guard = locker.lock(&name, LockMode::Shared, LONG).await.expect("read");
+                let guard = locker
+                    .lock(&name, LockMode::Shared, LONG)
+                    .await
+                    .expect("read");
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 drop(guard);
                 n += 1;
@@ -194,7 +197,11 @@ async fn a_writer_does_not_starve_under_a_stream_of_readers() {
     .await;
     let asked = Instant::now();
     let writer = lockers[0]
-        .lock(&name, LockMode::Exclusive, Wait::Timeout(Duration::from_secs(10)))
+        .lock(
+            &name,
+            LockMode::Exclusive,
+            Wait::Timeout(Duration::from_secs(10)),
+        )
         .await;
     let waited = asked.elapsed();
     stop.store(true, Ordering::SeqCst);
@@ -215,8 +222,14 @@ async fn try_shared_and_exclusive() {
     let (a, b) = (locker(&etcd, 5).await, locker(&etcd, 5).await);
     let name = LockName::new("rw-try").unwrap();
     let r1 = a.lock(&name, LockMode::Shared, Wait::Try).await.unwrap();
-    let r2 = b.lock(&name, LockMode::Shared, Wait::Try).await.expect("readers share");
-    assert!(matches!(b.try_acquire(&name).await, Err(LockError::Locked { .. })));
+    let r2 = b
+        .lock(&name, LockMode::Shared, Wait::Try)
+        .await
+        .expect("readers share");
+    assert!(matches!(
+        b.try_acquire(&name).await,
+        Err(LockError::Locked { .. })
+    ));
     // A writer waiting behind the readers blocks a new try-reader (no overtaking).
     let writer = tokio::spawn({
         let (b, name) = (b.clone(), name.clone());
@@ -230,7 +243,10 @@ async fn try_shared_and_exclusive() {
     let late = a.lock(&name, LockMode::Shared, Wait::Try).await;
     assert!(matches!(late, Err(LockError::Locked { .. })), "{late:?}");
     drop((r1, r2));
-    let w = writer.await.unwrap().expect("writer acquires after the readers");
+    let w = writer
+        .await
+        .unwrap()
+        .expect("writer acquires after the readers");
     assert_eq!(w.mode(), LockMode::Exclusive);
     assert!(matches!(
         b.lock(&name, LockMode::Shared, Wait::Try).await,
@@ -270,23 +286,29 @@ async fn permits_never_exceed_n_and_slots_are_reused() {
     assert_eq!(max, 3, "the permits were never all in use");
 
     // Try mode: the 4th is refused, a released slot is reused.
-    let held: Vec<_> = [0, 1, 0]
-        .into_iter()
-        .map(|i| lockers[i].clone())
-        .collect();
+    let held: Vec<_> = [0, 1, 0].into_iter().map(|i| lockers[i].clone()).collect();
     let mut guards = Vec::new();
     for l in &held {
         guards.push(l.lock(&name, p(3), Wait::Try).await.expect("free permit"));
     }
     for l in &lockers {
         let fourth = l.lock(&name, p(3), Wait::Try).await;
-        assert!(matches!(fourth, Err(LockError::Locked { .. })), "{fourth:?}");
+        assert!(
+            matches!(fourth, Err(LockError::Locked { .. })),
+            "{fourth:?}"
+        );
     }
     // A different count on the same name is a clear error.
     let other = lockers[1].lock(&name, p(2), Wait::Try).await;
-    assert!(matches!(other, Err(LockError::ModeConflict { .. })), "{other:?}");
+    assert!(
+        matches!(other, Err(LockError::ModeConflict { .. })),
+        "{other:?}"
+    );
     guards.pop();
-    let reused = lockers[1].lock(&name, p(3), LONG).await.expect("slot reused");
+    let reused = lockers[1]
+        .lock(&name, p(3), LONG)
+        .await
+        .expect("slot reused");
     drop(reused);
     drop(guards);
     assert_no_keys_left(&etcd).await;
@@ -298,7 +320,10 @@ async fn memory_permits_and_modes_match_etcd_semantics() {
     let name = LockName::new("sem").unwrap();
     let a = m.lock(&name, p(2), Wait::Try).await.unwrap();
     let b = m.lock(&name, p(2), Wait::Try).await.unwrap();
-    assert!(matches!(m.lock(&name, p(2), Wait::Try).await, Err(LockError::Locked { .. })));
+    assert!(matches!(
+        m.lock(&name, p(2), Wait::Try).await,
+        Err(LockError::Locked { .. })
+    ));
     assert!(matches!(
         m.lock(&name, p(3), Wait::Try).await,
         Err(LockError::ModeConflict { .. })
@@ -371,7 +396,11 @@ async fn method_aware_layer_lets_gets_share_and_posts_exclude() {
         keys_under(&etcd, &prefix).await.len() == 3
     })
     .await;
-    assert_eq!(posts_done.load(Ordering::SeqCst), 0, "POST ran while GETs held the lock");
+    assert_eq!(
+        posts_done.load(Ordering::SeqCst),
+        0,
+        "POST ran while GETs held the lock"
+    );
     // ...and runs once they finish.
     release_tx.send(true).unwrap();
     for g in [g1, g2] {
