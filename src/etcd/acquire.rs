@@ -45,20 +45,31 @@ pub(super) async fn lock(
     let started = Instant::now();
     let span = trace::acquire_span("etcd", name, mode);
     let result = async {
-        let mut attempt = 0;
+        // Quick failures (a member failing over) are retried, each attempt
+        // with a new key, for up to one request timeout.
+        let retry_until = started + inner.config.request_timeout;
+        let mut backoff = rpc::RETRY_BACKOFF;
+        let mut renewed_lease = false;
         loop {
-            attempt += 1;
             match Acquisition::start(inner, name, mode, wait, started).await {
+                Ok(guard) => return Ok(guard),
                 // etcd dropped our lease before we noticed: start over once,
                 // with a fresh lease.
                 Err((err, Some(session)))
-                    if attempt == 1 && rpc::lock_error_is_lease_not_found(&err) =>
+                    if !renewed_lease && rpc::lock_error_is_lease_not_found(&err) =>
                 {
                     session.mark_lost("etcd reports the lease not found");
                     inner.sessions.forget(&session);
+                    renewed_lease = true;
+                }
+                Err((err @ LockError::Unavailable { .. }, _))
+                    if Instant::now() + backoff < retry_until =>
+                {
+                    tracing::debug!(error = %err, "retrying the acquisition");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(rpc::MAX_RETRY_BACKOFF);
                 }
                 Err((err, _)) => return Err(err),
-                Ok(guard) => return Ok(guard),
             }
         }
     }

@@ -20,10 +20,10 @@ pub(crate) struct OwnKey {
 
 impl OwnKey {
     async fn delete_once(&self) -> Result<(), LockError> {
-        let mut kv = self.inner.client.kv_client();
-        let key = self.key.as_bytes().to_vec();
-        rpc::with_timeout(self.inner.config.request_timeout, "delete", async {
-            kv.delete(key, None).await
+        let kv = self.inner.client.kv_client();
+        rpc::idempotent(self.inner.config.request_timeout, "delete", || {
+            let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
+            async move { kv.delete(key, None).await }
         })
         .await
         .map(drop)

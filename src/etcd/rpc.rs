@@ -25,6 +25,40 @@ pub(crate) async fn with_timeout<T>(
     }
 }
 
+/// Like [`with_timeout`], for requests that may be repeated safely: a quick
+/// failure (a connection reset while a member fails over, a refused connect to
+/// a dead endpoint) is retried with a short backoff until `timeout` runs out.
+pub(crate) async fn idempotent<T, F, Fut>(
+    timeout: Duration,
+    what: &'static str,
+    mut request: F,
+) -> Result<T, LockError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = RETRY_BACKOFF;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match with_timeout(left, what, request()).await {
+            Err(err @ LockError::Unavailable { .. })
+                if tokio::time::Instant::now() + backoff < deadline =>
+            {
+                tracing::debug!(error = %err, "retrying etcd {what}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The first pause before retrying a failed request.
+pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// The longest pause between retries.
+pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(400);
+
 /// `true` when etcd refused a request because its lease no longer exists.
 pub(crate) fn is_lease_not_found(err: &etcd_client::Error) -> bool {
     match err {

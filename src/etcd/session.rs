@@ -88,11 +88,13 @@ impl Sessions {
         if let Some(session) = self.live() {
             return Ok(session);
         }
-        let mut leases = client.lease_client();
+        let leases = client.lease_client();
         let ttl_secs = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
-        let sent = Instant::now();
-        let granted = rpc::with_timeout(config.request_timeout, "lease grant", async {
-            leases.grant(ttl_secs, None).await
+        let mut sent = Instant::now();
+        let granted = rpc::idempotent(config.request_timeout, "lease grant", || {
+            let mut leases = leases.clone();
+            sent = Instant::now();
+            async move { leases.grant(ttl_secs, None).await }
         })
         .await?;
         let (trigger, _) = LostSignal::new();
