@@ -190,7 +190,7 @@ async fn baseline(etcd: &EtcdServer, iters: usize) -> Result<Baseline, Error> {
 enum Contender {
     Ours(EtcdLocker),
     /// etcd's own `concurrency.Mutex`, run by the server's Lock RPC (one lease each).
-    EtcdMutex(etcd_client::Client, i64),
+    EtcdMutex(Box<etcd_client::Client>, i64),
 }
 
 enum Held {
@@ -510,7 +510,7 @@ async fn run() -> Result<(), Error> {
         rows: Vec::new(),
     };
     println!("tower-lease-lock benchmark: etcd at {endpoint}, {secs:?} per timed phase\n");
-    println!("{:<58} {:<44} {}", "item", "figure", "target");
+    println!("{:<58} {:<44} target", "item", "figure");
 
     // 1. Baseline.
     let base = baseline(&etcd, 2000).await?;
@@ -654,7 +654,7 @@ async fn run() -> Result<(), Error> {
     for _ in 0..8 {
         let mut c = client(&etcd).await?;
         let lease = c.lease_grant(120, None).await?.id();
-        go.push(Contender::EtcdMutex(c, lease));
+        go.push(Contender::EtcdMutex(Box::new(c), lease));
     }
     for (shape, rounds) in [("loop", false), ("rounds", true)] {
         let res = contend(go.clone(), rounds, secs).await?;

@@ -86,8 +86,19 @@ struct Acquisition<'a> {
     keys: NameKeys,
     started: Instant,
     own: Option<OwnKey>,
-    /// Whether our key may exist in etcd (it must then be deleted on failure).
-    maybe_put: bool,
+    put: Put,
+}
+
+/// What etcd did with our put, as far as we know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Put {
+    /// Not sent, or certainly not applied: nothing to clean up.
+    Absent,
+    /// Sent without an answer: it may still be applied, later than any
+    /// delete we send. The lease it carries must go: see [`Drop`].
+    Uncertain,
+    /// Applied: clean up with a delete.
+    Applied,
 }
 
 type AttemptResult = Result<LockGuard, (LockError, Option<Arc<Session>>)>;
@@ -139,7 +150,7 @@ impl<'a> Acquisition<'a> {
                 session: Arc::clone(&session),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
-            maybe_put: false,
+            put: Put::Absent,
         };
         let result = match wait {
             Wait::Try => this.try_once(inner, &session).await,
@@ -180,10 +191,9 @@ impl<'a> Acquisition<'a> {
             .map(|(start, end)| TxnOp::get(start, Some(first_created().with_range(end))))
             .collect();
         let txn = Txn::new().when(compares).and_then(then).or_else(otherwise);
-        self.maybe_put = true;
         let resp = self.txn(inner, txn).await?;
         if !resp.succeeded() {
-            self.maybe_put = false;
+            self.put = Put::Absent;
             return Err(self.contended(&resp));
         }
         let token = revision(&resp);
@@ -214,7 +224,6 @@ impl<'a> Acquisition<'a> {
                 Some(GetOptions::new().with_prefix().with_keys_only()),
             ),
         ]);
-        self.maybe_put = true;
         let resp = self.txn(inner, txn).await?;
         let token = revision(&resp);
         let mut earlier: Vec<(i64, LockMode)> = get_responses(&resp)
@@ -300,12 +309,20 @@ impl<'a> Acquisition<'a> {
         }
     }
 
-    async fn txn(&self, inner: &Inner, txn: Txn) -> Result<TxnResponse, LockError> {
+    /// Sends a txn that may put our key, tracking what became of the put.
+    async fn txn(&mut self, inner: &Inner, txn: Txn) -> Result<TxnResponse, LockError> {
         let mut kv = inner.client.kv_client();
-        rpc::with_timeout(inner.config.request_timeout, "txn", async move {
+        self.put = Put::Uncertain;
+        let result = rpc::with_timeout(inner.config.request_timeout, "txn", async move {
             kv.txn(txn).await
         })
-        .await
+        .await;
+        self.put = match &result {
+            Ok(_) => Put::Applied, // callers correct this when the compare failed
+            Err(err) if rpc::certainly_not_applied(err) => Put::Absent,
+            Err(_) => Put::Uncertain,
+        };
+        result
     }
 
     fn granted(&mut self, token: i64) -> Result<LockGuard, LockError> {
@@ -313,7 +330,7 @@ impl<'a> Acquisition<'a> {
             name: self.name.clone(),
             reason: "acquisition already finished".into(),
         })?;
-        self.maybe_put = false;
+        self.put = Put::Absent;
         if let Some(reason) = own.session.signal().reason() {
             let name = self.name.clone();
             own.delete_in_background();
@@ -365,11 +382,21 @@ impl<'a> Acquisition<'a> {
 
 impl Drop for Acquisition<'_> {
     fn drop(&mut self) {
-        let Some(own) = self.own.take() else { return };
-        if self.maybe_put {
-            own.delete_in_background();
-        } else {
-            own.inner.local.remove(&own.prefix, own.seq);
+        let Some(own) = self.own.take() else {
+            return;
+        };
+        match self.put {
+            Put::Absent => own.inner.local.remove(&own.prefix, own.seq),
+            Put::Applied => own.delete_in_background(),
+            Put::Uncertain => {
+                // A put applied after our delete would leave a key nobody
+                // holds, kept alive by our lease. So retire the lease: new
+                // acquisitions get a fresh one, and this one is revoked (taking
+                // any such key with it) once its last guard is released.
+                tracing::debug!(key = %own.key, "put outcome unknown; retiring the lease");
+                own.inner.sessions.forget(&own.session);
+                own.delete_in_background();
+            }
         }
     }
 }

@@ -80,3 +80,22 @@ pub(crate) fn lock_error_is_lease_not_found(err: &LockError) -> bool {
         _ => false,
     }
 }
+
+/// `true` when a failed write certainly was not applied: etcd refused it for
+/// a missing lease, or the connection was never made. Anything else (a
+/// timeout, a reset connection) may still be applied later.
+pub(crate) fn certainly_not_applied(err: &LockError) -> bool {
+    if lock_error_is_lease_not_found(err) {
+        return true;
+    }
+    match err {
+        LockError::Unavailable {
+            source: Some(source),
+            ..
+        } => {
+            let text = source.to_string();
+            text.contains("tcp connect error") || text.contains("Connection refused")
+        }
+        _ => false,
+    }
+}

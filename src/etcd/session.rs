@@ -57,6 +57,9 @@ impl Session {
 pub(crate) struct Sessions {
     current: Mutex<Option<Arc<Session>>>,
     granting: tokio::sync::Mutex<()>,
+    /// When the last grant failed, and why: callers that queued behind that
+    /// grant share its failure instead of trying again one after another.
+    last_failure: Mutex<Option<(Instant, String)>>,
     /// Test hook: when set, renewals are skipped (the lease runs out).
     pub(crate) renewal_paused: Arc<AtomicBool>,
 }
@@ -66,6 +69,7 @@ impl Sessions {
         Self {
             current: Mutex::new(None),
             granting: tokio::sync::Mutex::new(()),
+            last_failure: Mutex::new(None),
             renewal_paused: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -84,9 +88,22 @@ impl Sessions {
         if let Some(session) = self.live() {
             return Ok(session);
         }
+        let queued = Instant::now();
         let _granting = self.granting.lock().await;
         if let Some(session) = self.live() {
             return Ok(session);
+        }
+        let failed = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((at, message)) = failed.filter(|(at, _)| *at >= queued) {
+            let ago = at.elapsed();
+            return Err(LockError::Unavailable {
+                message: format!("{message} ({ago:?} ago, while this request queued)"),
+                source: None,
+            });
         }
         let leases = client.lease_client();
         let ttl_secs = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
@@ -96,7 +113,11 @@ impl Sessions {
             sent = Instant::now();
             async move { leases.grant(ttl_secs, None).await }
         })
-        .await?;
+        .await
+        .inspect_err(|err| {
+            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((Instant::now(), err.to_string()));
+        })?;
         let (trigger, _) = LostSignal::new();
         let session = Arc::new(Session {
             lease_id: granted.id(),

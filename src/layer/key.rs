@@ -126,8 +126,13 @@ impl Key {
         Self::from_source(Source::Path)
     }
 
-    /// An axum path parameter by name (`{tenant}` in the route). The route's
-    /// parameters are known only under `Router::route_layer`.
+    /// An axum path parameter by name (`{tenant}` in the route).
+    ///
+    /// Install the layer with `Router::route_layer`. A request without route
+    /// parameters (one that matched no route under `Router::layer`, or a
+    /// layer wrapped around the whole router) and a route without this
+    /// parameter answer 500: a server misconfiguration, never an unlocked
+    /// request.
     #[cfg(feature = "axum")]
     pub fn path_param(name: impl Into<String>) -> Result<Self, KeyConfigError> {
         let name = name.into();
@@ -242,7 +247,8 @@ fn path_param(
             return Err(KeyError::misconfigured(
                 describe(),
                 "no route parameters here; install LockLayer with Router::route_layer",
-            ))
+                // (under Router::layer, requests matching no route get here too)
+            ));
         }
     };
     let value = params

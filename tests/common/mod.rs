@@ -106,3 +106,18 @@ pub async fn create_revision(etcd: &EtcdServer, key: &str) -> Option<i64> {
     let resp = client.get(key, None).await.expect("get");
     resp.kvs().first().map(|kv| kv.create_revision())
 }
+
+/// Asserts that nothing is left under `prefix` (a namespace other than
+/// [`NS`], such as the demo's `demo/`), giving background releases a moment.
+pub async fn assert_no_keys_left_under(etcd: &EtcdServer, prefix: &str) {
+    let mut left = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        left = keys_under(etcd, prefix).await;
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("keys left under {prefix}: {left:?}");
+}
