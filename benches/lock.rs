@@ -139,18 +139,30 @@ fn locker(client: etcd_client::Client, ns: &str, ttl: u64) -> Result<EtcdLocker,
         .build()?)
 }
 
-// ---- 1. baseline ----
+// ---- 1-3. single operations, interleaved with their baseline ----
 
-struct Baseline {
+struct Single {
     txn: Stats,
     delete: Stats,
     cycle: Stats,
+    ours_cycle: Stats,
+    ours_failed: Stats,
 }
 
-async fn baseline(etcd: &EtcdServer, iters: usize) -> Result<Baseline, Error> {
-    let mut c = client(etcd).await?;
+/// Each iteration runs, back to back on the same machine state: a raw
+/// put-if-absent txn and a raw delete (one client), our try_acquire+release
+/// (locker `a`, same client), and our failed try_acquire of a name that
+/// locker `b` holds. Interleaving keeps drift (etcd's db growing, a noisy
+/// neighbour) out of the ratios.
+async fn single_ops(
+    c: &mut etcd_client::Client,
+    a: &EtcdLocker,
+    contended: &LockName,
+    iters: usize,
+) -> Result<Single, Error> {
     let lease = c.lease_grant(60, None).await?.id();
-    let (mut txns, mut deletes, mut cycles) = (Vec::new(), Vec::new(), Vec::new());
+    let free = LockName::new("uncontended")?;
+    let mut t: [Vec<Duration>; 5] = Default::default();
     for i in 0..iters + 100 {
         let key = format!("bench-raw/k/{lease:x}-{i:x}");
         let txn = Txn::new()
@@ -170,17 +182,28 @@ async fn baseline(etcd: &EtcdServer, iters: usize) -> Result<Baseline, Error> {
         assert!(resp.succeeded());
         c.delete(key, None).await?;
         let t2 = Instant::now();
+        let g = a.try_acquire(&free).await?;
+        g.release().await?;
+        let t3 = Instant::now();
+        let failed = a.try_acquire(contended).await;
+        let t4 = Instant::now();
+        assert!(matches!(failed, Err(LockError::Locked { .. })));
         if i >= 100 {
-            txns.push(t1 - t0);
-            deletes.push(t2 - t1);
-            cycles.push(t2 - t0);
+            t[0].push(t1 - t0);
+            t[1].push(t2 - t1);
+            t[2].push(t2 - t0);
+            t[3].push(t3 - t2);
+            t[4].push(t4 - t3);
         }
     }
     c.lease_revoke(lease).await?;
-    Ok(Baseline {
-        txn: Stats::of(txns),
-        delete: Stats::of(deletes),
-        cycle: Stats::of(cycles),
+    let [txn, delete, cycle, ours_cycle, ours_failed] = t.map(Stats::of);
+    Ok(Single {
+        txn,
+        delete,
+        cycle,
+        ours_cycle,
+        ours_failed,
     })
 }
 
@@ -512,75 +535,55 @@ async fn run() -> Result<(), Error> {
     println!("tower-lease-lock benchmark: etcd at {endpoint}, {secs:?} per timed phase\n");
     println!("{:<58} {:<44} target", "item", "figure");
 
-    // 1. Baseline.
-    let base = baseline(&etcd, 2000).await?;
+    // 1-3. Single operations, interleaved with the raw baseline.
+    let mut raw = client(&etcd).await?;
+    let a = locker(raw.clone(), "bench/", 30)?;
+    let b = locker(client(&etcd).await?, "bench/", 30)?;
+    a.connect().await?;
+    let name = LockName::new("held")?;
+    let held = b.try_acquire(&name).await?;
+    let single = single_ops(&mut raw, &a, &name, 2000).await?;
     report.row(
         "1. raw txn put-if-absent / raw delete (median, p99)",
         format!(
             "{:.3} / {:.3} ms, p99 {:.3} / {:.3}",
-            ms(base.txn.median),
-            ms(base.delete.median),
-            ms(base.txn.p99),
-            ms(base.delete.p99)
+            ms(single.txn.median),
+            ms(single.delete.median),
+            ms(single.txn.p99),
+            ms(single.delete.p99)
         ),
         "baseline",
     );
     report.json.insert(
         "1_baseline".into(),
-        json!({ "txn": base.txn.json(), "delete": base.delete.json(), "txn_plus_delete": base.cycle.json() }),
+        json!({
+            "txn": single.txn.json(),
+            "delete": single.delete.json(),
+            "txn_plus_delete": single.cycle.json(),
+        }),
     );
-
-    // 2. Uncontended cycle.
-    let a = locker(client(&etcd).await?, "bench/", 30)?;
-    let b = locker(client(&etcd).await?, "bench/", 30)?;
-    a.connect().await?;
-    b.connect().await?;
-    let name = LockName::new("uncontended")?;
-    let mut cycles = Vec::new();
-    for i in 0..2100 {
-        let t0 = Instant::now();
-        let g = a.try_acquire(&name).await?;
-        g.release().await?;
-        if i >= 100 {
-            cycles.push(t0.elapsed());
-        }
-    }
-    let cycle = Stats::of(cycles);
-    let r = ratio(cycle.median, base.cycle.median);
+    let r = ratio(single.ours_cycle.median, single.cycle.median);
     report.row(
         "2. uncontended try_acquire+release (median)",
         format!(
             "{:.3} ms = {r}x raw txn+delete ({:.3} ms)",
-            ms(cycle.median),
-            ms(base.cycle.median)
+            ms(single.ours_cycle.median),
+            ms(single.cycle.median)
         ),
         format!("<= 1.1x {}", verdict(r <= 1.1)),
     );
     report.json.insert(
         "2_uncontended_cycle".into(),
-        json!({ "cycle": cycle.json(), "ratio_to_raw_txn_plus_delete": r, "target": 1.1, "met": r <= 1.1 }),
+        json!({ "cycle": single.ours_cycle.json(), "ratio_to_raw_txn_plus_delete": r, "target": 1.1, "met": r <= 1.1 }),
     );
-
-    // 3. Failed try_acquire.
-    let held = b.try_acquire(&name).await?;
-    let mut fails = Vec::new();
-    for i in 0..2100 {
-        let t0 = Instant::now();
-        let e = a.try_acquire(&name).await;
-        let d = t0.elapsed();
-        assert!(matches!(e, Err(LockError::Locked { .. })));
-        if i >= 100 {
-            fails.push(d);
-        }
-    }
-    let failed = Stats::of(fails);
-    let r = ratio(failed.median, base.txn.median);
+    let failed = single.ours_failed;
+    let r = ratio(failed.median, single.txn.median);
     report.row(
         "3a. failed try_acquire, held by another locker (median)",
         format!(
             "{:.3} ms = {r}x raw txn ({:.3} ms)",
             ms(failed.median),
-            ms(base.txn.median)
+            ms(single.txn.median)
         ),
         format!("<= 1.2x {}", verdict(r <= 1.2)),
     );
@@ -643,7 +646,7 @@ async fn run() -> Result<(), Error> {
                     "handoff": res.handoff.json(),
                     "handoffs_to_another_locker": res.cross,
                     "handoffs": res.handoffs,
-                    "ratio_acq_per_sec_to_raw_serial_cycle": (res.acquisitions_per_sec * base.cycle.median.as_secs_f64() * 100.0).round() / 100.0,
+                    "ratio_acq_per_sec_to_raw_serial_cycle": (res.acquisitions_per_sec * single.cycle.median.as_secs_f64() * 100.0).round() / 100.0,
                     "met": met,
                 }),
             );

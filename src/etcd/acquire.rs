@@ -118,12 +118,12 @@ impl<'a> Acquisition<'a> {
             .await
             .map_err(|e| (e, None))?;
         let prefix: Arc<str> = Arc::from(keys.prefix());
-        let seq = inner.next_seq();
-        let key: Arc<str> = Arc::from(keys.key(mode, session.lease_id(), seq));
         let is_try = wait == Wait::Try;
-        loop {
-            match inner.local.claim(name, &prefix, mode, seq, &key, is_try) {
-                Claim::Claimed => break,
+        let lease_id = session.lease_id();
+        let (slot, key) = loop {
+            let make_key = |slot| keys.key(mode, lease_id, slot);
+            match inner.local.claim(name, &prefix, mode, is_try, make_key) {
+                Claim::Claimed(slot, key) => break (slot, key),
                 Claim::Refused(err) => return Err((err, None)),
                 Claim::AfterRelease(released) => {
                     let limit = inner.config.request_timeout;
@@ -136,7 +136,7 @@ impl<'a> Acquisition<'a> {
                     }
                 }
             }
-        }
+        };
         let mut this = Acquisition {
             name,
             mode,
@@ -145,7 +145,7 @@ impl<'a> Acquisition<'a> {
             own: Some(OwnKey {
                 inner: Arc::clone(inner),
                 prefix,
-                seq,
+                slot,
                 key,
                 session: Arc::clone(&session),
                 runtime: tokio::runtime::Handle::try_current().ok(),
@@ -337,7 +337,7 @@ impl<'a> Acquisition<'a> {
             return Err(LockError::Lost { name, reason });
         }
         let token = u64::try_from(token).unwrap_or(0);
-        own.inner.local.set_token(&own.prefix, own.seq, token);
+        own.inner.local.set_token(&own.prefix, own.slot, token);
         let info = LockInfo::new(self.name.clone(), self.mode, token, own.session.signal())
             .with_backend_key(Arc::clone(&own.key), Some(own.session.lease_id()))
             .with_waited(self.started.elapsed());
@@ -386,7 +386,7 @@ impl Drop for Acquisition<'_> {
             return;
         };
         match self.put {
-            Put::Absent => own.inner.local.remove(&own.prefix, own.seq),
+            Put::Absent => own.inner.local.remove(&own.prefix, own.slot),
             Put::Applied => own.delete_in_background(),
             Put::Uncertain => {
                 // A put applied after our delete would leave a key nobody

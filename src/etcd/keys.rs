@@ -6,11 +6,17 @@
 //! in line. Every acquisition puts its own key (sharing a lease must never
 //! let two acquisitions share a key):
 //!
-//! | mode        | key                          |
-//! |-------------|------------------------------|
-//! | exclusive   | `P<lease hex>-<seq hex>`     |
-//! | shared      | `P~r/<lease hex>-<seq hex>`  |
-//! | permits(n)  | `P~p<n>/<lease hex>-<seq hex>` |
+//! | mode        | key                             |
+//! |-------------|---------------------------------|
+//! | exclusive   | `P<lease hex>-<slot hex>`       |
+//! | shared      | `P~r/<lease hex>-<slot hex>`    |
+//! | permits(n)  | `P~p<n>/<lease hex>-<slot hex>` |
+//!
+//! The slot is the lowest number this locker is not using for the name right
+//! now, so a name locked over and over by one process reuses one key. Fresh
+//! keys would each leave a deleted entry in etcd's index until the next
+//! compaction, and every range compare and read of the name would scan them
+//! all.
 //!
 //! Keys of other clients (`etcdctl lock`, Go's Mutex: `P<lease hex>`) read as
 //! exclusive. `~` sorts after every hex digit and is never produced by Go's
@@ -50,12 +56,12 @@ impl NameKeys {
     }
 
     /// The key of one acquisition.
-    pub(crate) fn key(&self, mode: LockMode, lease_id: i64, seq: u64) -> String {
+    pub(crate) fn key(&self, mode: LockMode, lease_id: i64, slot: u64) -> String {
         let p = &self.prefix;
         match mode {
-            LockMode::Shared => format!("{p}{SHARED_MARK}{lease_id:x}-{seq:x}"),
-            LockMode::Permits(n) => format!("{p}{PERMITS_MARK}{n}/{lease_id:x}-{seq:x}"),
-            _ => format!("{p}{lease_id:x}-{seq:x}"),
+            LockMode::Shared => format!("{p}{SHARED_MARK}{lease_id:x}-{slot:x}"),
+            LockMode::Permits(n) => format!("{p}{PERMITS_MARK}{n}/{lease_id:x}-{slot:x}"),
+            _ => format!("{p}{lease_id:x}-{slot:x}"),
         }
     }
 

@@ -29,7 +29,8 @@ struct LocalName {
 }
 
 struct LocalKey {
-    seq: u64,
+    /// Unique among this locker's live keys of the name; part of the key.
+    slot: u64,
     mode: LockMode,
     key: Arc<str>,
     token: Option<u64>,
@@ -38,8 +39,8 @@ struct LocalKey {
 
 /// The outcome of [`LocalKeys::claim`].
 pub(crate) enum Claim {
-    /// Recorded as ours; go ahead.
-    Claimed,
+    /// Recorded as ours under this slot and key; go ahead.
+    Claimed(u64, Arc<str>),
     /// Refused without a round trip.
     Refused(LockError),
     /// Only our own releases in flight stand in the way: wait, then claim again.
@@ -52,15 +53,15 @@ impl LocalKeys {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// For a try, checks our own keys first; then records `key` as ours.
+    /// For a try, checks our own keys first; then takes the lowest free slot
+    /// and records the key `make_key` builds for it as ours.
     pub(crate) fn claim(
         &self,
         name: &LockName,
         prefix: &Arc<str>,
         mode: LockMode,
-        seq: u64,
-        key: &Arc<str>,
         is_try: bool,
+        make_key: impl FnOnce(u64) -> String,
     ) -> Claim {
         let mut names = self.names();
         let ours = names.entry(Arc::clone(prefix)).or_default();
@@ -93,39 +94,43 @@ impl LocalKeys {
                 return Claim::AfterRelease(Arc::clone(&ours.removed).notified_owned());
             }
         }
+        let slot = (0..)
+            .find(|slot| ours.keys.iter().all(|k| k.slot != *slot))
+            .unwrap_or(u64::MAX);
+        let key: Arc<str> = Arc::from(make_key(slot));
         ours.keys.push(LocalKey {
-            seq,
+            slot,
             mode,
-            key: Arc::clone(key),
+            key: Arc::clone(&key),
             token: None,
             releasing: false,
         });
-        Claim::Claimed
+        Claim::Claimed(slot, key)
     }
 
-    fn with_key(&self, prefix: &str, seq: u64, f: impl FnOnce(&mut LocalKey)) {
+    fn with_key(&self, prefix: &str, slot: u64, f: impl FnOnce(&mut LocalKey)) {
         if let Some(k) = self
             .names()
             .get_mut(prefix)
-            .and_then(|ours| ours.keys.iter_mut().find(|k| k.seq == seq))
+            .and_then(|ours| ours.keys.iter_mut().find(|k| k.slot == slot))
         {
             f(k);
         }
     }
 
-    pub(crate) fn set_token(&self, prefix: &str, seq: u64, token: u64) {
-        self.with_key(prefix, seq, |k| k.token = Some(token));
+    pub(crate) fn set_token(&self, prefix: &str, slot: u64, token: u64) {
+        self.with_key(prefix, slot, |k| k.token = Some(token));
     }
 
     /// Our key is being deleted: it no longer refuses tries, it delays them.
-    pub(crate) fn set_releasing(&self, prefix: &str, seq: u64) {
-        self.with_key(prefix, seq, |k| k.releasing = true);
+    pub(crate) fn set_releasing(&self, prefix: &str, slot: u64) {
+        self.with_key(prefix, slot, |k| k.releasing = true);
     }
 
-    pub(crate) fn remove(&self, prefix: &str, seq: u64) {
+    pub(crate) fn remove(&self, prefix: &str, slot: u64) {
         let mut names = self.names();
         if let Some(ours) = names.get_mut(prefix) {
-            ours.keys.retain(|k| k.seq != seq);
+            ours.keys.retain(|k| k.slot != slot);
             ours.removed.notify_waiters();
             if ours.keys.is_empty() {
                 names.remove(prefix);

@@ -25,7 +25,8 @@ mod rpc;
 mod session;
 mod watcher;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "test-util")]
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
@@ -69,13 +70,6 @@ pub(crate) struct Inner {
     sessions: Sessions,
     watcher: Watcher,
     local: LocalKeys,
-    seq: AtomicU64,
-}
-
-impl Inner {
-    fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
-    }
 }
 
 impl EtcdLocker {
@@ -98,7 +92,6 @@ impl EtcdLocker {
                 sessions: Sessions::new(),
                 watcher,
                 local: LocalKeys::default(),
-                seq: AtomicU64::new(0),
             }),
         }
     }

@@ -12,7 +12,7 @@ use crate::LockError;
 pub(crate) struct OwnKey {
     pub(crate) inner: Arc<Inner>,
     pub(crate) prefix: Arc<str>,
-    pub(crate) seq: u64,
+    pub(crate) slot: u64,
     pub(crate) key: Arc<str>,
     pub(crate) session: Arc<Session>,
     pub(crate) runtime: Option<tokio::runtime::Handle>,
@@ -32,7 +32,7 @@ impl OwnKey {
     /// Deletes the key, retrying until etcd confirms or the lease is lost
     /// (which removes the key anyway). Never leaves a key behind a live lease.
     pub(crate) async fn delete(self) {
-        self.inner.local.set_releasing(&self.prefix, self.seq);
+        self.inner.local.set_releasing(&self.prefix, self.slot);
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.delete_once().await {
@@ -53,7 +53,7 @@ impl OwnKey {
 
     /// Deletes the key from a task of its own.
     pub(crate) fn delete_in_background(self) {
-        self.inner.local.set_releasing(&self.prefix, self.seq);
+        self.inner.local.set_releasing(&self.prefix, self.slot);
         match self
             .runtime
             .clone()
@@ -69,14 +69,14 @@ impl OwnKey {
     }
 
     fn forget(&self) {
-        self.inner.local.remove(&self.prefix, self.seq);
+        self.inner.local.remove(&self.prefix, self.slot);
     }
 }
 
 impl Release for OwnKey {
     fn release(self: Box<Self>) -> BoxFuture<Result<(), LockError>> {
         Box::pin(async move {
-            self.inner.local.set_releasing(&self.prefix, self.seq);
+            self.inner.local.set_releasing(&self.prefix, self.slot);
             match self.delete_once().await {
                 Ok(()) => {
                     self.forget();
