@@ -21,7 +21,7 @@ use tokio::sync::Barrier;
 use tower::{Service, ServiceExt};
 use tower_lease_lock::etcd::EtcdLocker;
 use tower_lease_lock::testing::EtcdServer;
-use tower_lease_lock::{Key, LockError, LockLayer, LockName, Locker, MemoryLocker};
+use tower_lease_lock::{Key, LockError, LockLayer, LockMode, LockName, Locker, MemoryLocker, Wait};
 
 // ---- a counting allocator, for memory per held lock ----
 
@@ -211,7 +211,7 @@ async fn single_ops(
 
 #[derive(Clone)]
 enum Contender {
-    Ours(EtcdLocker),
+    Ours(EtcdLocker, LockMode),
     /// etcd's own `concurrency.Mutex`, run by the server's Lock RPC (one lease each).
     EtcdMutex(Box<etcd_client::Client>, i64),
 }
@@ -224,7 +224,10 @@ enum Held {
 impl Contender {
     async fn acquire(&mut self, name: &LockName) -> Result<Held, Error> {
         match self {
-            Self::Ours(l) => Ok(Held::Ours(l.acquire(name, Duration::from_secs(30)).await?)),
+            Self::Ours(l, mode) => Ok(Held::Ours(
+                l.lock(name, *mode, Wait::Timeout(Duration::from_secs(30)))
+                    .await?,
+            )),
             Self::EtcdMutex(c, lease) => {
                 let resp = c
                     .lock(
@@ -336,6 +339,12 @@ async fn contend(
     })
 }
 
+fn contended_rate(report: &Report, key: &str) -> f64 {
+    report.json["4_contended"][key]["acquisitions_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0)
+}
+
 // ---- 5. HTTP ----
 
 struct Http {
@@ -419,12 +428,16 @@ fn app() -> Router {
     Router::new().route("/t/{tenant}", post(|| async { "ok" }))
 }
 
-async fn etcd_writes_per_sec(
+/// Raw etcd throughput at `concurrency`: plain puts, or lock-shaped cycles
+/// (a put-if-absent txn with a lease, then a delete, each worker on its own key).
+async fn etcd_raw_per_sec(
     etcd: &EtcdServer,
     concurrency: usize,
     secs: Duration,
+    lock_cycles: bool,
 ) -> Result<f64, Error> {
     let c = client(etcd).await?;
+    let lease = c.clone().lease_grant(60, None).await?.id();
     let count = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + secs;
     let started = Instant::now();
@@ -432,8 +445,25 @@ async fn etcd_writes_per_sec(
     for w in 0..concurrency {
         let (mut c, count) = (c.clone(), Arc::clone(&count));
         tasks.push(tokio::spawn(async move {
+            let key = format!("bench-raw-c/{w}");
             while Instant::now() < end {
-                c.put(format!("bench-writes/{w}"), "x", None).await?;
+                if lock_cycles {
+                    let txn = Txn::new()
+                        .when(vec![Compare::create_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            0,
+                        )])
+                        .and_then(vec![TxnOp::put(
+                            key.clone(),
+                            "",
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]);
+                    c.txn(txn).await?;
+                    c.delete(key.clone(), None).await?;
+                } else {
+                    c.put(key.clone(), "x", None).await?;
+                }
                 count.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<(), Error>(())
@@ -442,13 +472,12 @@ async fn etcd_writes_per_sec(
     for t in tasks {
         t.await??;
     }
+    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     let mut c = c;
-    c.delete(
-        "bench-writes/",
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let everything = etcd_client::DeleteOptions::new().with_prefix();
+    c.delete("bench-raw-c/", Some(everything)).await?;
+    c.lease_revoke(lease).await?;
+    Ok(rate)
 }
 
 /// Per-request time of an in-process router (no network), for the layer's own cost.
@@ -614,7 +643,7 @@ async fn run() -> Result<(), Error> {
     for _ in 0..8 {
         let l = locker(client(&etcd).await?, "bench/", 30)?;
         l.connect().await?;
-        ours.push(Contender::Ours(l));
+        ours.push(Contender::Ours(l, LockMode::Exclusive));
     }
     let mut contended = BTreeMap::new();
     for c in [2usize, 4, 8] {
@@ -689,9 +718,45 @@ async fn run() -> Result<(), Error> {
         Value::Object(contended.into_iter().collect()),
     );
 
+    // 7 (issue 5). Shared and permits modes, C=8 loop, vs exclusive above.
+    let exclusive_rate = contended_rate(&report, "c8_loop");
+    let mut modes = BTreeMap::new();
+    for (label, mode) in [
+        ("shared", LockMode::Shared),
+        ("permits_4", LockMode::permits(4).ok_or("permits")?),
+    ] {
+        let contenders = ours
+            .iter()
+            .map(|c| match c {
+                Contender::Ours(l, _) => Contender::Ours(l.clone(), mode),
+                other => other.clone(),
+            })
+            .collect();
+        let res = contend(contenders, false, secs).await?;
+        let x = (res.acquisitions_per_sec / exclusive_rate.max(1e-9) * 10.0).round() / 10.0;
+        report.row(
+            format!("7. C=8 loop, {mode} (readers only / semaphore)"),
+            format!("{:.0} acq/s = {x}x exclusive", res.acquisitions_per_sec),
+            "",
+        );
+        modes.insert(
+            label.to_string(),
+            json!({ "acquisitions_per_sec": res.acquisitions_per_sec.round(), "ratio_to_exclusive": x }),
+        );
+    }
+    modes.insert(
+        "exclusive".into(),
+        json!({ "acquisitions_per_sec": exclusive_rate.round() }),
+    );
+    report
+        .json
+        .insert("7_modes".into(), Value::Object(modes.into_iter().collect()));
+
     // 5. HTTP through LockLayer.
-    let writes = etcd_writes_per_sec(&etcd, 64, secs.min(Duration::from_secs(2))).await?;
+    let raw_secs = secs.min(Duration::from_secs(2));
+    let writes = etcd_raw_per_sec(&etcd, 64, raw_secs, false).await?;
     let bound = writes / 2.0;
+    let raw_cycles = etcd_raw_per_sec(&etcd, 64, raw_secs, true).await?;
     let http_locker = locker(client(&etcd).await?, "bench-http/", 30)?;
     http_locker.connect().await?;
     let plain = drive(serve(app()).await?, 64, false, secs).await?;
@@ -720,6 +785,12 @@ async fn run() -> Result<(), Error> {
             ">= 0.8x (etcd {writes:.0} w/s / 2): {r}x {}",
             verdict(r >= 0.8)
         ),
+    );
+    let r_cycles = (layered.rps / raw_cycles * 100.0).round() / 100.0;
+    report.row(
+        "5a'. same, against raw txn+delete cycles at c=64",
+        format!("{raw_cycles:.0} raw cycles/s: layer at {r_cycles}x"),
+        "context",
     );
     report.row(
         "5b. HTTP c=64 one tenant, wait mode",
@@ -764,6 +835,8 @@ async fn run() -> Result<(), Error> {
                 "with_layer": { "rps": layered.rps.round(), "p99_ms": ms(layered.p99), "non_200": layered.other, "ok": layered.ok },
                 "without_layer": { "rps": plain.rps.round(), "p99_ms": ms(plain.p99) },
                 "ratio_to_bound": r, "target": 0.8, "met": r >= 0.8,
+                "raw_txn_delete_cycles_per_sec_c64": raw_cycles.round(),
+                "ratio_to_raw_cycles": r_cycles,
                 "ratio_to_without_layer": (layered.rps / plain.rps * 100.0).round() / 100.0,
             },
             "one_tenant_wait": { "rps": one.rps.round(), "p99_ms": ms(one.p99), "non_200": one.other },
