@@ -1012,3 +1012,59 @@ async fn release_on_drop_outside_runtime() {
     again.release().await.expect("release");
     assert_no_keys_left(&etcd).await;
 }
+
+// ---------------------------------------------------------------------------
+// Builder misuse is a typed error at construction
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn builder_misuse_is_a_typed_error() {
+    use tower_lease_lock::etcd::ConfigError;
+
+    let etcd = etcd().await;
+    let client = etcd.client().await.expect("connect");
+    let build = |f: fn(
+        tower_lease_lock::etcd::EtcdLockerBuilder,
+    ) -> tower_lease_lock::etcd::EtcdLockerBuilder| {
+        f(EtcdLocker::builder(client.clone())).build().map(drop)
+    };
+    assert!(matches!(
+        build(|b| b.ttl(Duration::from_secs(1))),
+        Err(ConfigError::TtlTooShort(_))
+    ));
+    assert!(matches!(
+        build(|b| b.ttl(Duration::from_secs(7200))),
+        Err(ConfigError::TtlTooLong(_))
+    ));
+    assert!(matches!(
+        build(|b| b.ttl(Duration::from_millis(2500))),
+        Err(ConfigError::TtlNotWholeSeconds(_))
+    ));
+    assert!(matches!(
+        build(|b| b.renewal_cadence(Duration::from_secs(30))),
+        Err(ConfigError::BadRenewalCadence { .. })
+    ));
+    assert!(matches!(
+        build(|b| b.renewal_cadence(Duration::ZERO)),
+        Err(ConfigError::BadRenewalCadence { .. })
+    ));
+    assert!(matches!(
+        build(|b| b.request_timeout(Duration::ZERO)),
+        Err(ConfigError::ZeroRequestTimeout)
+    ));
+    for bad in ["", "no-slash", "a/\n/"] {
+        let result = EtcdLocker::builder(client.clone()).namespace(bad).build();
+        assert!(
+            matches!(result, Err(ConfigError::BadNamespace(_))),
+            "{bad:?}"
+        );
+    }
+    let ok = EtcdLocker::builder(client.clone())
+        .ttl(Duration::from_secs(2))
+        .renewal_cadence(Duration::from_millis(500))
+        .build()
+        .expect("the minimum TTL is fine");
+    assert_eq!(ok.namespace(), tower_lease_lock::etcd::DEFAULT_NAMESPACE);
+    let err = build(|b| b.ttl(Duration::from_secs(1))).unwrap_err();
+    assert!(err.to_string().contains("minimum"), "{err}");
+}

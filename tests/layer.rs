@@ -1165,3 +1165,58 @@ async fn rejection_handler() {
     wait_released(&etcd, &locker, "acme").await;
     assert_no_keys_left(&etcd).await;
 }
+
+// ---------------------------------------------------------------------------
+// 13. The lock is lost while the handler runs
+// ---------------------------------------------------------------------------
+
+/// With `OnLost::FailRequest`, a handler still running when the lock is lost
+/// is stopped and the request answers 503; by default (`OnLost::Finish`) it
+/// finishes normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lock_while_the_handler_runs() {
+    use tower_lease_lock::layer::OnLost;
+
+    let etcd = etcd().await;
+    for policy in [OnLost::FailRequest, OnLost::Finish] {
+        // A short lease whose renewal the test stops: lost within ~2.4 s.
+        let locker = locker(&etcd, 3).await;
+        let (gate, mut started) = Gate::new();
+        let layer = LockLayer::new(locker.clone(), tenant_key()).on_lost(policy);
+        let app = gated_app(layer, &gate);
+        let task = start_holding(&app, "/tenants/acme/hold", &mut started).await;
+        locker.pause_renewal(true);
+        let t0 = Instant::now();
+        match policy {
+            OnLost::FailRequest => {
+                let answer = soon("the lost lock to fail the request", task)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    answer.status,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "{}",
+                    answer.body
+                );
+                assert_eq!(answer.body, "lock \"acme\" was lost; retry later");
+                assert_eq!(answer.header(header::RETRY_AFTER), Some("1"));
+                assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+            }
+            _ => {
+                // Still running after the lease is gone; finishes when let go.
+                eventually(
+                    "the lease to be given up",
+                    Duration::from_secs(5),
+                    || async { keys_under(&etcd, NS).await.is_empty() },
+                )
+                .await;
+                assert!(!task.is_finished(), "the handler was stopped");
+                gate.open();
+                let answer = soon("the handler to finish", task).await.unwrap();
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+            }
+        }
+        locker.pause_renewal(false);
+    }
+    assert_no_keys_left(&etcd).await;
+}
