@@ -7,13 +7,27 @@ use crate::{LockError, LockGuard, LockMode, LockName};
 
 /// How long an acquisition may wait for a contended name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Wait {
     /// Do not wait: a contended name fails at once with [`LockError::Locked`].
     #[default]
     Try,
     /// Wait in line up to this long, then fail with [`LockError::Timeout`].
-    /// [`Duration::MAX`] waits without limit.
+    /// [`Duration::MAX`] waits without limit; [`Duration::ZERO`] is [`Wait::Try`].
+    ///
+    /// The time bounds the wait in line. Each etcd request on the way is
+    /// bounded by the locker's request timeout of its own.
     Timeout(Duration),
+}
+
+impl Wait {
+    /// `Timeout(0)` is `Try`.
+    pub(crate) fn normalized(self) -> Self {
+        match self {
+            Self::Timeout(d) if d.is_zero() => Self::Try,
+            other => other,
+        }
+    }
 }
 
 /// Something that hands out locks by name.

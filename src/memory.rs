@@ -157,6 +157,7 @@ impl Locker for MemoryLocker {
         wait: Wait,
     ) -> Result<LockGuard, LockError> {
         let started = Instant::now();
+        let wait = wait.normalized();
         let mut ticket = self.enqueue(name, mode);
         let deadline = match wait {
             Wait::Try => None,

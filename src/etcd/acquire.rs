@@ -43,6 +43,7 @@ pub(super) async fn lock(
     wait: Wait,
 ) -> Result<LockGuard, LockError> {
     let started = Instant::now();
+    let wait = wait.normalized();
     let span = trace::acquire_span("etcd", name, mode);
     let result = async {
         // Quick failures (a member failing over) are retried, each attempt
@@ -94,6 +95,8 @@ struct Acquisition<'a> {
 enum Put {
     /// Not sent, or certainly not applied: nothing to clean up.
     Absent,
+    /// Sent; the task that sent it owns the cleanup until it answers.
+    InFlight,
     /// Sent without an answer: it may still be applied, later than any
     /// delete we send. The lease it carries must go: see [`Drop`].
     Uncertain,
@@ -126,8 +129,10 @@ impl<'a> Acquisition<'a> {
                 Claim::Claimed(slot, key) => break (slot, key),
                 Claim::Refused(err) => return Err((err, None)),
                 Claim::AfterRelease(released) => {
+                    // Bounded once for the whole acquisition, not per release.
                     let limit = inner.config.request_timeout;
-                    if tokio::time::timeout(limit, released).await.is_err() {
+                    let until = tokio::time::Instant::from_std(started + limit);
+                    if tokio::time::timeout_at(until, released).await.is_err() {
                         let err = LockError::Unavailable {
                             message: format!("our own release of {name:?} took over {limit:?}"),
                             source: None,
@@ -149,6 +154,7 @@ impl<'a> Acquisition<'a> {
                 key,
                 session: Arc::clone(&session),
                 runtime: tokio::runtime::Handle::try_current().ok(),
+                token: None,
             }),
             put: Put::Absent,
         };
@@ -310,15 +316,42 @@ impl<'a> Acquisition<'a> {
     }
 
     /// Sends a txn that may put our key, tracking what became of the put.
+    ///
+    /// The request runs in a task of its own: if this acquisition is dropped
+    /// meanwhile (a client that went away), the task still learns the
+    /// outcome and cleans up accordingly, instead of leaving a put of unknown
+    /// outcome behind.
     async fn txn(&mut self, inner: &Inner, txn: Txn) -> Result<TxnResponse, LockError> {
+        let own = self.own()?.clone();
         let mut kv = inner.client.kv_client();
-        self.put = Put::Uncertain;
-        let result = rpc::with_timeout(inner.config.request_timeout, "txn", async move {
-            kv.txn(txn).await
-        })
-        .await;
+        let timeout = inner.config.request_timeout;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = async move {
+            let result = rpc::with_timeout(timeout, "txn", async move { kv.txn(txn).await }).await;
+            if let Err(result) = reply.send(result) {
+                // Nobody is waiting: the acquisition was dropped.
+                abandoned(own, result);
+            }
+        };
+        self.put = Put::InFlight;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(request)),
+            Err(_) => request.await,
+        }
+        let result = answer.await.unwrap_or_else(|_| {
+            Err(LockError::Unavailable {
+                message: "the etcd request task stopped".into(),
+                source: None,
+            })
+        });
         self.put = match &result {
-            Ok(_) => Put::Applied, // callers correct this when the compare failed
+            // Callers correct this when the compare failed.
+            Ok(resp) => {
+                if let Some(own) = self.own.as_mut() {
+                    own.token = Some(revision(resp));
+                }
+                Put::Applied
+            }
             Err(err) if rpc::certainly_not_applied(err) => Put::Absent,
             Err(_) => Put::Uncertain,
         };
@@ -387,18 +420,37 @@ impl Drop for Acquisition<'_> {
         };
         match self.put {
             Put::Absent => own.inner.local.remove(&own.prefix, own.slot),
+            Put::InFlight => {} // the request's task cleans up
             Put::Applied => own.delete_in_background(),
-            Put::Uncertain => {
-                // A put applied after our delete would leave a key nobody
-                // holds, kept alive by our lease. So retire the lease: new
-                // acquisitions get a fresh one, and this one is revoked (taking
-                // any such key with it) once its last guard is released.
-                tracing::debug!(key = %own.key, "put outcome unknown; retiring the lease");
-                own.inner.sessions.forget(&own.session);
-                own.delete_in_background();
-            }
+            Put::Uncertain => uncertain(own),
         }
     }
+}
+
+/// Cleans up after a put whose acquisition was dropped before it answered.
+fn abandoned(own: OwnKey, result: Result<TxnResponse, LockError>) {
+    match result {
+        Ok(resp) if resp.succeeded() => {
+            let mut own = own;
+            own.token = Some(revision(&resp));
+            own.delete_in_background();
+        }
+        Ok(_) => own.inner.local.remove(&own.prefix, own.slot),
+        Err(err) if rpc::certainly_not_applied(&err) => {
+            own.inner.local.remove(&own.prefix, own.slot)
+        }
+        Err(_) => uncertain(own),
+    }
+}
+
+/// A put applied after our delete would leave a key nobody holds, kept alive
+/// by our lease. So the lease is retired: new acquisitions get a fresh one,
+/// and this one is revoked (taking any such key with it) once its last guard
+/// is released.
+fn uncertain(own: OwnKey) {
+    tracing::debug!(key = %own.key, "put outcome unknown; retiring the lease");
+    own.inner.sessions.forget(&own.session);
+    own.delete_in_background();
 }
 
 fn put_op(own: &OwnKey, owner: &str, session: &Session) -> TxnOp {

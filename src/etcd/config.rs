@@ -29,8 +29,9 @@ pub enum ConfigError {
     /// etcd leases count whole seconds.
     #[error("lease TTL {0:?} is not a whole number of seconds")]
     TtlNotWholeSeconds(Duration),
-    /// The renewal cadence must be shorter than the TTL, and not zero.
-    #[error("renewal cadence {cadence:?} must be above zero and below the TTL {ttl:?}")]
+    /// The renewal cadence must be above zero and at most half of the TTL
+    /// minus the safety margin, so that a failed renewal can be retried.
+    #[error("renewal cadence {cadence:?} must be above zero and at most half the lease TTL {ttl:?} (minus a safety margin)")]
     BadRenewalCadence {
         /// The cadence asked for.
         cadence: Duration,
@@ -83,11 +84,27 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// How far short of the server's lease expiry the local deadline is kept:
-    /// a fifth of the TTL, at most one second.
+    /// How far short of the server's lease expiry the local deadline is kept.
     pub(crate) fn safety_margin(&self) -> Duration {
-        (self.ttl / 5).min(Duration::from_secs(1))
+        safety_margin(self.ttl)
     }
+}
+
+/// `<hostname>:<pid>` (`pid:<pid>` alone tells nothing inside containers).
+fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_string());
+    format!("{host}:{}", std::process::id())
+}
+
+/// A fifth of the TTL, at most one second, but at least 1/500 of the TTL
+/// (clock rate drift, which NTP keeps within 500 ppm, grows with the TTL).
+fn safety_margin(ttl: Duration) -> Duration {
+    (ttl / 5).min(Duration::from_secs(1).max(ttl / 500))
 }
 
 impl EtcdLockerBuilder {
@@ -98,7 +115,7 @@ impl EtcdLockerBuilder {
             ttl: DEFAULT_TTL,
             cadence: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            owner: format!("pid:{}", std::process::id()),
+            owner: default_owner(),
         }
     }
 
@@ -119,7 +136,8 @@ impl EtcdLockerBuilder {
         self
     }
 
-    /// How often the lease is renewed (default TTL/3; must be below the TTL).
+    /// How often the lease is renewed (default TTL/3; at most half of the TTL
+    /// minus the safety margin of TTL/5, capped at 1 s).
     pub fn renewal_cadence(mut self, cadence: Duration) -> Self {
         self.cadence = Some(cadence);
         self
@@ -134,7 +152,7 @@ impl EtcdLockerBuilder {
     }
 
     /// The value stored in this locker's lock keys, shown to contenders as the
-    /// holder (default `pid:<process id>`).
+    /// holder (default `<hostname>:<process id>`).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = owner.into();
         self
@@ -157,7 +175,9 @@ impl EtcdLockerBuilder {
             return Err(ConfigError::TtlNotWholeSeconds(ttl));
         }
         let cadence = self.cadence.unwrap_or(ttl / 3);
-        if cadence.is_zero() || cadence >= ttl {
+        // A renewal must be able to fail once and be retried before the
+        // local deadline: at most half of (TTL - safety margin).
+        if cadence.is_zero() || cadence > (ttl - safety_margin(ttl)) / 2 {
             return Err(ConfigError::BadRenewalCadence { cadence, ttl });
         }
         if self.request_timeout.is_zero() {

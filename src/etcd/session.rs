@@ -45,6 +45,11 @@ impl Session {
         self.trigger.is_triggered()
     }
 
+    /// Moves the local deadline on after a renewal.
+    fn extend(&self, deadline: Instant) {
+        self.trigger.set_deadline(deadline.into_std());
+    }
+
     pub(crate) fn mark_lost(&self, reason: &str) {
         if !self.is_lost() {
             tracing::warn!(lease_id = self.lease_id, reason, "lease lost");
@@ -119,6 +124,9 @@ impl Sessions {
                 Some((Instant::now(), err.to_string()));
         })?;
         let (trigger, _) = LostSignal::new();
+        let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        trigger
+            .set_deadline((sent + granted_ttl.saturating_sub(config.safety_margin())).into_std());
         let session = Arc::new(Session {
             lease_id: granted.id(),
             trigger,
@@ -132,7 +140,7 @@ impl Sessions {
             session: Arc::downgrade(&session),
             lease_id: granted.id(),
             leases,
-            ttl: Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)),
+            ttl: granted_ttl,
             cadence: config.cadence,
             margin: config.safety_margin(),
             request_timeout: config.request_timeout,
@@ -151,6 +159,17 @@ impl Sessions {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
             *current = None;
+        }
+    }
+}
+
+/// Marks the session lost when the renewal task ends or is dropped.
+struct LostOnExit(Weak<Session>);
+
+impl Drop for LostOnExit {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.upgrade() {
+            session.mark_lost("the lease renewal task stopped");
         }
     }
 }
@@ -175,6 +194,9 @@ enum Renewed {
 
 impl Renewal {
     async fn run(mut self, granted_sent: Instant, signal: LostSignal) {
+        // However this task ends (even dropped with its runtime), the
+        // session's guards are told.
+        let _guard = LostOnExit(self.session.clone());
         self.deadline = granted_sent + self.ttl.saturating_sub(self.margin);
         let mut next = granted_sent + self.cadence;
         let lost = signal.lost();
@@ -201,6 +223,7 @@ impl Renewal {
             match tokio::time::timeout(budget, self.renew_once()).await {
                 Ok(Ok(Renewed::Ttl(ttl))) => {
                     self.deadline = now + ttl.saturating_sub(self.margin);
+                    session.extend(self.deadline);
                     next = now + self.cadence;
                 }
                 Ok(Ok(Renewed::Gone)) => {

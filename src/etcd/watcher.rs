@@ -11,8 +11,9 @@
 //! release, and a waiter sees its own key vanish (lease expired) in revision
 //! order before it could ever be granted.
 //!
-//! A name's watch is shared by all waiters of this locker on that name and
-//! closed after it has had no waiter for a short while.
+//! A name's watch is opened and read by a task of its own (a waiter that
+//! gives up cannot leave it half-made), shared by all waiters of this locker
+//! on that name, and closed after it has had no waiter for a short while.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +37,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[derive(Clone)]
 pub(crate) struct Watcher {
     client: etcd_client::Client,
     request_timeout: Duration,
@@ -57,9 +59,16 @@ struct StreamTx {
 #[derive(Default)]
 struct StreamState {
     generation: u64,
-    /// Watches whose create request was sent, in order; etcd answers in order.
-    creating: Mutex<VecDeque<Arc<NameWatch>>>,
+    /// Watches whose create request was sent, in order (etcd answers in
+    /// order), and whether the stream is closed to new ones.
+    creating: Mutex<Creating>,
     by_id: Mutex<HashMap<i64, Arc<NameWatch>>>,
+}
+
+#[derive(Default)]
+struct Creating {
+    closed: bool,
+    queue: VecDeque<Arc<NameWatch>>,
 }
 
 /// The queue of one name as this locker sees it.
@@ -75,7 +84,6 @@ pub(crate) struct NameWatch {
 enum Phase {
     Creating,
     Created,
-    Syncing,
     Synced,
     Broken(String),
 }
@@ -83,10 +91,14 @@ enum Phase {
 struct NameState {
     phase: Phase,
     watch: Option<(u64, i64)>,
+    /// Events up to this revision are already in the initial read.
+    snapshot_rev: i64,
     /// The queue is exact as of this revision.
     rev: i64,
     pending: Vec<Change>,
-    by_rev: BTreeMap<i64, LockMode>,
+    /// Every key of the name by (create revision, key): one txn can create
+    /// several keys at one revision.
+    queue: BTreeMap<(i64, Vec<u8>), LockMode>,
     by_key: HashMap<Vec<u8>, i64>,
 }
 
@@ -128,26 +140,31 @@ impl Queue<'_> {
 
     /// The modes of the keys created before `rev`, oldest first.
     pub(crate) fn before(&self, rev: i64) -> impl Iterator<Item = LockMode> + '_ {
-        self.state.by_rev.range(..rev).map(|(_, m)| *m)
+        self.state.queue.range(..(rev, Vec::new())).map(|(_, m)| *m)
     }
 }
 
 impl NameState {
     fn apply(&mut self, keys: &NameKeys, change: Change) {
-        if change.mod_rev() <= self.rev {
-            return; // already in the snapshot
+        // Events of one revision (a lease revoke deleting several keys, a
+        // txn) share their revision: skip only what the initial read had.
+        if change.mod_rev() <= self.snapshot_rev {
+            return;
         }
-        self.rev = change.mod_rev();
+        self.rev = self.rev.max(change.mod_rev());
         match change {
             Change::Put {
                 key, create_rev, ..
             } => {
-                self.by_rev.insert(create_rev, keys.mode_of(&key));
-                self.by_key.insert(key, create_rev);
+                if let Some(old) = self.by_key.insert(key.clone(), create_rev) {
+                    self.queue.remove(&(old, key.clone()));
+                }
+                self.queue
+                    .insert((create_rev, key.clone()), keys.mode_of(&key));
             }
             Change::Delete { key, .. } => {
                 if let Some(rev) = self.by_key.remove(&key) {
-                    self.by_rev.remove(&rev);
+                    self.queue.remove(&(rev, key));
                 }
             }
         }
@@ -161,9 +178,10 @@ impl NameWatch {
             state: Mutex::new(NameState {
                 phase: Phase::Creating,
                 watch: None,
+                snapshot_rev: 0,
                 rev: 0,
                 pending: Vec::new(),
-                by_rev: BTreeMap::new(),
+                queue: BTreeMap::new(),
                 by_key: HashMap::new(),
             }),
             changed: watch::channel(()).0,
@@ -178,7 +196,10 @@ impl NameWatch {
     }
 
     fn break_with(&self, reason: &str) {
-        self.update(|s| s.phase = Phase::Broken(reason.to_string()));
+        self.update(|s| {
+            s.phase = Phase::Broken(reason.to_string());
+            s.pending.clear();
+        });
     }
 
     fn is_broken(&self) -> bool {
@@ -200,13 +221,29 @@ impl NameWatch {
                         mod_rev: kv.mod_revision(),
                     },
                 };
-                if s.phase == Phase::Synced {
-                    s.apply(&self.keys, change);
-                } else {
-                    s.pending.push(change);
+                match s.phase {
+                    Phase::Synced => s.apply(&self.keys, change),
+                    Phase::Creating | Phase::Created => s.pending.push(change),
+                    Phase::Broken(_) => {}
                 }
             }
         });
+    }
+
+    /// Waits until the phase leaves `Creating`.
+    async fn created(&self) -> Result<(), LockError> {
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            match &lock(&self.state).phase {
+                Phase::Creating => {}
+                Phase::Broken(reason) => return Err(broken(reason)),
+                _ => return Ok(()),
+            }
+            if changed.changed().await.is_err() {
+                return Err(broken("watch closed"));
+            }
+        }
     }
 }
 
@@ -215,6 +252,7 @@ impl NameWatch {
 pub(crate) struct Subscription {
     name: Arc<NameWatch>,
     hub: Weak<Hub>,
+    request_timeout: Duration,
 }
 
 impl Drop for Subscription {
@@ -222,22 +260,26 @@ impl Drop for Subscription {
         if self.name.users.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let epoch = self.name.epoch.load(Ordering::Acquire);
         let name = Arc::clone(&self.name);
         let hub = self.hub.clone();
-        runtime.spawn(async move {
+        let timeout = self.request_timeout;
+        let close = async move {
             tokio::time::sleep(LINGER).await;
             if name.users.load(Ordering::Acquire) == 0
                 && name.epoch.load(Ordering::Acquire) == epoch
             {
                 if let Some(hub) = hub.upgrade() {
-                    hub.close(&name).await;
+                    hub.close(&name, timeout).await;
                 }
             }
-        });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(close)),
+            // No runtime to close it from: break it, so the next waiter
+            // opens a fresh watch; the stream goes when the locker does.
+            Err(_) => self.name.break_with("last waiter left outside a runtime"),
+        }
     }
 }
 
@@ -292,21 +334,15 @@ impl Watcher {
         lock(&self.hub.names).len()
     }
 
-    /// Subscribes to the queue of `keys`' name, opening its watch and reading
-    /// its keys if no waiter of this locker did already. Bounded by twice the
-    /// request timeout.
-    pub(crate) async fn subscribe(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
-        let budget = self.request_timeout * 2;
-        match tokio::time::timeout(budget, self.subscribe_inner(keys)).await {
-            Ok(result) => result,
-            Err(_) => Err(LockError::Unavailable {
-                message: format!("etcd watch was not ready within {budget:?}"),
-                source: None,
-            }),
-        }
+    /// The budget for opening and reading one name's watch.
+    fn setup_budget(&self) -> Duration {
+        self.request_timeout * 2
     }
 
-    async fn subscribe_inner(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
+    /// Subscribes to the queue of `keys`' name; the first subscriber starts
+    /// the task that opens its watch and reads its keys. Bounded by twice the
+    /// request timeout.
+    pub(crate) async fn subscribe(&self, keys: &NameKeys) -> Result<Subscription, LockError> {
         let (name, is_new) = {
             let mut names = lock(&self.hub.names);
             let (name, is_new) = match names.get(keys.prefix()) {
@@ -325,70 +361,83 @@ impl Watcher {
         let subscription = Subscription {
             name: Arc::clone(&name),
             hub: Arc::downgrade(&self.hub),
+            request_timeout: self.request_timeout,
         };
         if is_new {
-            if let Err(err) = self.send_create(&name).await {
-                name.break_with(&err.to_string());
-                return Err(err);
-            }
+            let (this, name) = (self.clone(), Arc::clone(&name));
+            tokio::spawn(async move {
+                let budget = this.setup_budget();
+                let outcome = tokio::time::timeout(budget, this.set_up(&name)).await;
+                let failure = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(err)) => err.to_string(),
+                    Err(_) => format!("watch not ready within {budget:?}"),
+                };
+                name.break_with(&failure);
+            });
         }
-        let mut changed = name.changed.subscribe();
-        loop {
-            changed.borrow_and_update();
-            let must_sync = {
-                let mut state = lock(&name.state);
-                match &state.phase {
-                    Phase::Synced => return Ok(subscription),
+        let ready = async {
+            let mut changed = name.changed.subscribe();
+            loop {
+                changed.borrow_and_update();
+                match &lock(&name.state).phase {
+                    Phase::Synced => return Ok(()),
                     Phase::Broken(reason) => return Err(broken(reason)),
-                    Phase::Created => {
-                        state.phase = Phase::Syncing;
-                        true
-                    }
-                    Phase::Creating | Phase::Syncing => false,
+                    _ => {}
                 }
-            };
-            if must_sync {
-                self.sync(&name).await?;
-            } else if changed.changed().await.is_err() {
-                return Err(broken("watch closed"));
+                if changed.changed().await.is_err() {
+                    return Err(broken("watch closed"));
+                }
+            }
+        };
+        // The set-up task breaks the name when its own budget runs out; this
+        // bound only adds slack for scheduling.
+        let budget = self.setup_budget() + self.request_timeout;
+        match tokio::time::timeout(budget, ready).await {
+            Ok(Ok(())) => Ok(subscription),
+            Ok(Err(err)) => Err(err),
+            Err(_) => {
+                name.break_with("watch not ready in time");
+                Err(broken("watch not ready in time"))
             }
         }
     }
 
-    /// Reads the name's keys (after its watch exists) and merges the events
-    /// that arrived meanwhile.
-    async fn sync(&self, name: &NameWatch) -> Result<(), LockError> {
-        let mut kv = self.client.kv_client();
-        let prefix = name.keys.prefix().to_string();
-        let read = rpc::with_timeout(self.request_timeout, "range", async {
-            kv.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await
-        })
-        .await;
-        let snapshot = match read {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                name.break_with(&err.to_string());
-                return Err(err);
+    /// Opens the name's watch on the shared stream, waits for etcd to confirm
+    /// it, then reads the name's keys and merges the events that arrived
+    /// meanwhile.
+    async fn set_up(&self, name: &Arc<NameWatch>) -> Result<(), LockError> {
+        self.send_create(name).await?;
+        name.created().await?;
+        let kv = self.client.kv_client();
+        let snapshot = rpc::idempotent(self.request_timeout, "range", || {
+            let (mut kv, prefix) = (kv.clone(), name.keys.prefix().to_string());
+            async move {
+                kv.get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
             }
-        };
+        })
+        .await?;
         let rev = snapshot.header().map_or(0, |h| h.revision());
         name.update(|s| {
+            if s.phase != Phase::Created {
+                return; // broken meanwhile
+            }
+            s.snapshot_rev = rev;
             s.rev = rev;
             for kv in snapshot.kvs() {
-                s.by_rev
-                    .insert(kv.create_revision(), name.keys.mode_of(kv.key()));
-                s.by_key.insert(kv.key().to_vec(), kv.create_revision());
+                let key = kv.key().to_vec();
+                s.queue
+                    .insert((kv.create_revision(), key.clone()), name.keys.mode_of(&key));
+                s.by_key.insert(key, kv.create_revision());
             }
             for change in std::mem::take(&mut s.pending) {
                 s.apply(&name.keys, change);
             }
-            if s.phase == Phase::Syncing {
-                s.phase = Phase::Synced;
-            }
+            s.phase = Phase::Synced;
         });
         Ok(())
     }
@@ -398,23 +447,30 @@ impl Watcher {
         let prefix = name.keys.prefix().to_string();
         let mut sender = self.hub.sender.lock().await;
         if let Some(open) = sender.as_mut() {
-            lock(&open.stream.creating).push_back(Arc::clone(name));
-            if open
-                .tx
-                .watch(prefix.clone(), Some(options.clone()))
-                .await
-                .is_ok()
+            let queued = {
+                let mut creating = lock(&open.stream.creating);
+                if !creating.closed {
+                    creating.queue.push_back(Arc::clone(name));
+                }
+                !creating.closed
+            };
+            if queued
+                && open
+                    .tx
+                    .watch(prefix.clone(), Some(options.clone()))
+                    .await
+                    .is_ok()
             {
                 return Ok(());
             }
-            // The stream is gone; its reader breaks its watches. Open another.
+            // The stream is gone; its reader breaks what it carried. Open another.
             *sender = None;
         }
         let stream = Arc::new(StreamState {
             generation: self.hub.generation.fetch_add(1, Ordering::AcqRel) + 1,
             ..StreamState::default()
         });
-        lock(&stream.creating).push_back(Arc::clone(name));
+        lock(&stream.creating).queue.push_back(Arc::clone(name));
         let mut client = self.client.watch_client();
         let opened = rpc::with_timeout(self.request_timeout, "watch", async {
             client.watch(prefix, Some(options)).await
@@ -433,7 +489,7 @@ impl Watcher {
 
 impl Hub {
     /// Closes the watch of an idle name.
-    async fn close(&self, name: &Arc<NameWatch>) {
+    async fn close(&self, name: &Arc<NameWatch>, timeout: Duration) {
         {
             let mut names = lock(&self.names);
             if name.users.load(Ordering::Acquire) != 0 {
@@ -451,15 +507,19 @@ impl Hub {
         let Some((generation, id)) = watch else {
             return;
         };
-        let mut sender = self.sender.lock().await;
-        if let Some(open) = sender.as_mut() {
-            if open.stream.generation == generation {
-                lock(&open.stream.by_id).remove(&id);
-                if open.tx.cancel(id).await.is_err() {
-                    *sender = None;
+        let cancel = async {
+            let mut sender = self.sender.lock().await;
+            if let Some(open) = sender.as_mut() {
+                if open.stream.generation == generation {
+                    lock(&open.stream.by_id).remove(&id);
+                    if open.tx.cancel(id).await.is_err() {
+                        *sender = None;
+                    }
                 }
             }
-        }
+        };
+        // Best effort: a watch left open only costs events for an idle name.
+        let _ = tokio::time::timeout(timeout, cancel).await;
     }
 }
 
@@ -477,7 +537,7 @@ async fn read_stream(hub: Weak<Hub>, stream: Arc<StreamState>, mut rx: WatchResp
         }
         let id = resp.watch_id();
         if resp.created() {
-            let Some(name) = lock(&stream.creating).pop_front() else {
+            let Some(name) = lock(&stream.creating).queue.pop_front() else {
                 continue;
             };
             if resp.canceled() {
@@ -507,11 +567,7 @@ async fn read_stream(hub: Weak<Hub>, stream: Arc<StreamState>, mut rx: WatchResp
         }
     };
     tracing::debug!(generation = stream.generation, %reason, "watch stream closed");
-    let mut orphans: Vec<Arc<NameWatch>> = lock(&stream.creating).drain(..).collect();
-    orphans.extend(lock(&stream.by_id).drain().map(|(_, n)| n));
-    for name in orphans {
-        name.break_with(&reason);
-    }
+    // No new watch may join this stream from here on.
     if let Some(hub) = hub.upgrade() {
         let mut sender = hub.sender.lock().await;
         if sender
@@ -520,5 +576,14 @@ async fn read_stream(hub: Weak<Hub>, stream: Arc<StreamState>, mut rx: WatchResp
         {
             *sender = None;
         }
+    }
+    let mut orphans: Vec<Arc<NameWatch>> = {
+        let mut creating = lock(&stream.creating);
+        creating.closed = true;
+        creating.queue.drain(..).collect()
+    };
+    orphans.extend(lock(&stream.by_id).drain().map(|(_, n)| n));
+    for name in orphans {
+        name.break_with(&reason);
     }
 }

@@ -107,8 +107,35 @@ enum Source {
 pub struct Key {
     source: Source,
     template: Option<(Arc<str>, Arc<str>)>,
-    methods: Option<Arc<[Method]>>,
+    methods: Methods,
     optional: bool,
+}
+
+/// Which requests a [`Key`] locks, by method.
+#[derive(Clone, Debug)]
+enum Methods {
+    All,
+    Only(Arc<[Method]>),
+    /// Every method but GET, HEAD, OPTIONS and TRACE (extension methods too).
+    Unsafe,
+}
+
+impl Methods {
+    fn locks(&self, method: &Method) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(list) => list.contains(method),
+            Self::Unsafe => !is_safe(method),
+        }
+    }
+}
+
+/// GET, HEAD, OPTIONS and TRACE: the methods RFC 9110 calls safe.
+pub(crate) fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 impl Key {
@@ -116,12 +143,14 @@ impl Key {
         Self {
             source,
             template: None,
-            methods: None,
+            methods: Methods::All,
             optional: false,
         }
     }
 
-    /// The whole request path (`/tenants/acme/orders`).
+    /// The whole request path (`/tenants/acme/orders`), as sent: it is not
+    /// normalized, so `/a`, `/a/` and `/%61` are three names. Prefer a path
+    /// parameter or a header for resources with several spellings.
     pub fn path() -> Self {
         Self::from_source(Source::Path)
     }
@@ -142,7 +171,7 @@ impl Key {
         Ok(Self::from_source(Source::PathParam(Arc::from(name))))
     }
 
-    /// A request header by name. Its value must be UTF-8.
+    /// A request header by name. Its value must be UTF-8 (400 otherwise).
     pub fn header(name: HeaderName) -> Self {
         Self::from_source(Source::Header(name))
     }
@@ -175,19 +204,15 @@ impl Key {
 
     /// Locks only requests with one of `methods`; others pass unlocked.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.methods = Some(methods.into_iter().collect());
+        self.methods = Methods::Only(methods.into_iter().collect());
         self
     }
 
-    /// Locks only requests with unsafe methods (not GET, HEAD, OPTIONS or TRACE).
-    pub fn unsafe_methods_only(self) -> Self {
-        self.methods([
-            Method::POST,
-            Method::PUT,
-            Method::PATCH,
-            Method::DELETE,
-            Method::CONNECT,
-        ])
+    /// Locks only requests with unsafe methods: every method but GET, HEAD,
+    /// OPTIONS and TRACE, extension methods included.
+    pub fn unsafe_methods_only(mut self) -> Self {
+        self.methods = Methods::Unsafe;
+        self
     }
 
     /// A request without the key passes unlocked instead of getting a 400.
@@ -213,10 +238,9 @@ impl Key {
             Source::PathParam(name) => path_param(parts, name, || self.describe()),
             Source::Header(name) => match parts.headers.get(name) {
                 None => Ok(None),
-                Some(value) => value
-                    .to_str()
+                Some(value) => std::str::from_utf8(value.as_bytes())
                     .map(|v| Some(v.to_string()))
-                    .map_err(|_| KeyError::invalid(self.describe(), "not visible ASCII")),
+                    .map_err(|_| KeyError::invalid(self.describe(), "not UTF-8")),
             },
             Source::Custom(f) => f(parts),
         }
@@ -266,10 +290,8 @@ fn path_param(
 
 impl KeyExtractor for Key {
     fn extract(&self, parts: &mut Parts) -> Result<Option<LockName>, KeyError> {
-        if let Some(methods) = &self.methods {
-            if !methods.contains(&parts.method) {
-                return Ok(None);
-            }
+        if !self.methods.locks(&parts.method) {
+            return Ok(None);
         }
         let raw = match self.raw(parts)? {
             Some(raw) if !raw.is_empty() => raw,

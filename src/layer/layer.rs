@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderName, Method, Response};
+use http::{HeaderName, Response};
 use tower_layer::Layer;
 
 use super::{KeyExtractor, LockRejection, LockService};
@@ -60,7 +60,7 @@ impl Settings {
         match &self.mode {
             ModePolicy::Fixed(mode) => *mode,
             ModePolicy::ByMethod => {
-                if is_safe(&parts.method) {
+                if super::key::is_safe(&parts.method) {
                     LockMode::Shared
                 } else {
                     LockMode::Exclusive
@@ -76,13 +76,6 @@ impl Settings {
             None => rejection.to_response(self.retry_after),
         }
     }
-}
-
-fn is_safe(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
 }
 
 /// Takes a lock for each request before calling the inner service and holds
