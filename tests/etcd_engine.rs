@@ -1068,3 +1068,110 @@ async fn builder_misuse_is_a_typed_error() {
     let err = build(|b| b.ttl(Duration::from_secs(1))).unwrap_err();
     assert!(err.to_string().contains("minimum"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Regressions found in review
+// ---------------------------------------------------------------------------
+
+/// A lease revoke deletes all of its keys at one revision: a waiter must see
+/// every one of those deletes, not just the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_sees_every_delete_of_one_revision() {
+    use tower_lease_lock::{LockMode, Wait};
+
+    let etcd = etcd().await;
+    let (a, b) = (locker(&etcd, 10).await, locker(&etcd, 10).await);
+    let lock_name = name("revoked-readers");
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(
+            a.lock(&lock_name, LockMode::Shared, Wait::Try)
+                .await
+                .expect("readers share"),
+        );
+    }
+    let writer = tokio::spawn({
+        let (b, lock_name) = (b.clone(), lock_name.clone());
+        async move { b.acquire(&lock_name, Duration::from_secs(20)).await }
+    });
+    let prefix = a.key_prefix(&lock_name);
+    eventually("the writer queued", Duration::from_secs(5), || async {
+        keys_under(&etcd, &prefix).await.len() == 4
+    })
+    .await;
+    let lease = readers[0].lease_id().expect("etcd lock");
+    let mut client = etcd.client().await.expect("connect");
+    let revoked = Instant::now();
+    client.lease_revoke(lease).await.expect("revoke");
+    let guard = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the writer waited on readers that are gone")
+        .unwrap()
+        .expect("writer");
+    assert!(revoked.elapsed() < Duration::from_secs(5));
+    drop(guard);
+    drop(readers);
+    assert_no_keys_left(&etcd).await;
+}
+
+/// Waiters that give up while the name's watch is being set up must not
+/// leave it half-made for the waiters after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_that_give_up_early_do_not_wedge_the_name() {
+    let etcd = etcd().await;
+    let (a, b) = (locker(&etcd, 10).await, locker(&etcd, 10).await);
+    let lock_name = name("impatient");
+    let holder = a.try_acquire(&lock_name).await.expect("holder");
+    for micros in [1u64, 50, 200, 1_000, 3_000] {
+        let early = b.acquire(&lock_name, Duration::from_micros(micros)).await;
+        assert!(
+            matches!(early, Err(LockError::Timeout { .. })),
+            "{micros} us: {early:?}"
+        );
+    }
+    let patient = tokio::spawn({
+        let (b, lock_name) = (b.clone(), lock_name.clone());
+        async move { b.acquire(&lock_name, Duration::from_secs(10)).await }
+    });
+    let prefix = a.key_prefix(&lock_name);
+    eventually(
+        "the patient waiter queued",
+        Duration::from_secs(5),
+        || async { keys_under(&etcd, &prefix).await.len() == 2 },
+    )
+    .await;
+    holder.release().await.expect("release");
+    let guard = tokio::time::timeout(Duration::from_secs(3), patient)
+        .await
+        .expect("the patient waiter was not woken")
+        .unwrap()
+        .expect("acquired");
+    drop(guard);
+    assert_no_keys_left(&etcd).await;
+}
+
+/// Dropping the future of `release()` mid-flight still releases the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_release_still_releases() {
+    let etcd = etcd().await;
+    let (a, b) = (locker(&etcd, 10).await, locker(&etcd, 10).await);
+    for i in 0..10 {
+        let lock_name = name(&format!("cancelled-release-{i}"));
+        let guard = a.try_acquire(&lock_name).await.expect("acquire");
+        // Polled once (the delete is sent), then dropped.
+        let _ = tokio::time::timeout(Duration::from_micros(10), guard.release()).await;
+        let b = b.clone();
+        eventually("the name is free again", Duration::from_secs(3), || {
+            let (b, lock_name) = (b.clone(), lock_name.clone());
+            async move { b.try_acquire(&lock_name).await.is_ok() }
+        })
+        .await;
+    }
+    eventually(
+        "locker a forgot its keys",
+        Duration::from_secs(3),
+        || async { a.own_keys() == 0 },
+    )
+    .await;
+    assert_no_keys_left(&etcd).await;
+}
