@@ -125,7 +125,10 @@ impl<'a> Acquisition<'a> {
         let lease_id = session.lease_id();
         let (slot, key) = loop {
             let make_key = |slot| keys.key(mode, lease_id, slot);
-            match inner.local.claim(name, &prefix, mode, is_try, make_key) {
+            match inner
+                .local
+                .claim(name, &prefix, mode, is_try, lease_id, make_key)
+            {
                 Claim::Claimed(slot, key) => break (slot, key),
                 Claim::Refused(err) => return Err((err, None)),
                 Claim::AfterRelease(released) => {
@@ -154,7 +157,7 @@ impl<'a> Acquisition<'a> {
                 key,
                 session: Arc::clone(&session),
                 runtime: tokio::runtime::Handle::try_current().ok(),
-                token: None,
+                unanswered: Default::default(),
             }),
             put: Put::Absent,
         };
@@ -346,12 +349,7 @@ impl<'a> Acquisition<'a> {
         });
         self.put = match &result {
             // Callers correct this when the compare failed.
-            Ok(resp) => {
-                if let Some(own) = self.own.as_mut() {
-                    own.token = Some(revision(resp));
-                }
-                Put::Applied
-            }
+            Ok(_) => Put::Applied,
             Err(err) if rpc::certainly_not_applied(err) => Put::Absent,
             Err(_) => Put::Uncertain,
         };
@@ -430,11 +428,7 @@ impl Drop for Acquisition<'_> {
 /// Cleans up after a put whose acquisition was dropped before it answered.
 fn abandoned(own: OwnKey, result: Result<TxnResponse, LockError>) {
     match result {
-        Ok(resp) if resp.succeeded() => {
-            let mut own = own;
-            own.token = Some(revision(&resp));
-            own.delete_in_background();
-        }
+        Ok(resp) if resp.succeeded() => own.delete_in_background(),
         Ok(_) => own.inner.local.remove(&own.prefix, own.slot),
         Err(err) if rpc::certainly_not_applied(&err) => {
             own.inner.local.remove(&own.prefix, own.slot)

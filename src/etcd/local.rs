@@ -24,6 +24,9 @@ pub(crate) struct LocalKeys {
 #[derive(Default)]
 struct LocalName {
     keys: Vec<LocalKey>,
+    /// (lease, slot) pairs never to be used again: a delete of that key was
+    /// sent without an answer and might still land on a later incarnation.
+    retired: Vec<(i64, u64)>,
     /// Woken whenever one of `keys` is removed.
     removed: Arc<Notify>,
 }
@@ -54,13 +57,14 @@ impl LocalKeys {
     }
 
     /// For a try, checks our own keys first; then takes the lowest free slot
-    /// and records the key `make_key` builds for it as ours.
+    /// of `lease` and records the key `make_key` builds for it as ours.
     pub(crate) fn claim(
         &self,
         name: &LockName,
         prefix: &Arc<str>,
         mode: LockMode,
         is_try: bool,
+        lease: i64,
         make_key: impl FnOnce(u64) -> String,
     ) -> Claim {
         let mut names = self.names();
@@ -95,7 +99,9 @@ impl LocalKeys {
             }
         }
         let slot = (0..)
-            .find(|slot| ours.keys.iter().all(|k| k.slot != *slot))
+            .find(|slot| {
+                ours.keys.iter().all(|k| k.slot != *slot) && !ours.retired.contains(&(lease, *slot))
+            })
             .unwrap_or(u64::MAX);
         let key: Arc<str> = Arc::from(make_key(slot));
         ours.keys.push(LocalKey {
@@ -128,11 +134,23 @@ impl LocalKeys {
     }
 
     pub(crate) fn remove(&self, prefix: &str, slot: u64) {
+        self.remove_and_retire(prefix, slot, None);
+    }
+
+    /// Removes our key and never uses its slot with `lease` again.
+    pub(crate) fn retire(&self, prefix: &str, slot: u64, lease: i64) {
+        self.remove_and_retire(prefix, slot, Some(lease));
+    }
+
+    fn remove_and_retire(&self, prefix: &str, slot: u64, retire: Option<i64>) {
         let mut names = self.names();
         if let Some(ours) = names.get_mut(prefix) {
             ours.keys.retain(|k| k.slot != slot);
+            if let Some(lease) = retire {
+                ours.retired.push((lease, slot));
+            }
             ours.removed.notify_waiters();
-            if ours.keys.is_empty() {
+            if ours.keys.is_empty() && ours.retired.is_empty() {
                 names.remove(prefix);
             }
         }

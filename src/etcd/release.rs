@@ -1,9 +1,9 @@
 //! Giving a lock back: deleting its key, now or in the background.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::oneshot;
 
 use super::session::Session;
@@ -20,40 +20,29 @@ pub(crate) struct OwnKey {
     pub(crate) key: Arc<str>,
     pub(crate) session: Arc<Session>,
     pub(crate) runtime: Option<tokio::runtime::Handle>,
-    /// The key's create revision, once our put is known to have landed.
-    /// Deletes then apply only to that incarnation of the key: slots are
-    /// reused, and a delayed delete must never remove a later holder's key.
-    pub(crate) token: Option<i64>,
+    /// Set when a delete of this key went unanswered (see `delete_once`).
+    pub(crate) unanswered: Arc<AtomicBool>,
 }
 
 impl OwnKey {
+    /// One delete, retried within the request timeout. A plain delete, the
+    /// cheapest write etcd has; if an attempt went unanswered it might still
+    /// land later, on a later incarnation of this key, so the key's slot is
+    /// then never used again (see [`OwnKey::forget`]).
     async fn delete_once(&self) -> Result<(), LockError> {
         let kv = self.inner.client.kv_client();
-        let timeout = self.inner.config.request_timeout;
-        match self.token {
-            Some(token) => rpc::idempotent(timeout, "delete", || {
-                let mut kv = kv.clone();
-                let key = self.key.as_bytes().to_vec();
-                let txn = Txn::new()
-                    .when(vec![Compare::create_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        token,
-                    )])
-                    .and_then(vec![TxnOp::delete(key, None)]);
-                async move { kv.txn(txn).await }
-            })
-            .await
-            .map(drop),
-            // Unknown incarnation: only after an uncertain put, whose lease
-            // is retired, so no later acquisition reuses this key.
-            None => rpc::idempotent(timeout, "delete", || {
-                let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
-                async move { kv.delete(key, None).await }
-            })
-            .await
-            .map(drop),
+        let attempts = AtomicUsize::new(0);
+        let result = rpc::idempotent(self.inner.config.request_timeout, "delete", || {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
+            async move { kv.delete(key, None).await }
+        })
+        .await
+        .map(drop);
+        if result.is_err() || attempts.load(Ordering::Relaxed) > 1 {
+            self.unanswered.store(true, Ordering::Relaxed);
         }
+        result
     }
 
     /// Deletes the key, retrying until etcd confirms or the lease is lost
@@ -102,8 +91,16 @@ impl OwnKey {
         self.forget();
     }
 
+    /// Drops our record of the key once it is gone. Slots are reused, so a
+    /// delete that might still land must not meet a later holder of the same
+    /// key: after an unanswered delete the slot is retired for this lease.
     fn forget(&self) {
-        self.inner.local.remove(&self.prefix, self.slot);
+        if self.unanswered.load(Ordering::Relaxed) {
+            let lease = self.session.lease_id();
+            self.inner.local.retire(&self.prefix, self.slot, lease);
+        } else {
+            self.inner.local.remove(&self.prefix, self.slot);
+        }
     }
 }
 
