@@ -84,7 +84,8 @@ pub enum LockError {
         #[source]
         source: Option<BoxError>,
     },
-    /// The lock was lost: its lease expired or was revoked, or its key vanished.
+    /// The lock was lost: its lease expired, was revoked or was not renewed
+    /// before its local deadline, or its key vanished while it waited in line.
     #[error("lock {name:?} was lost: {reason}")]
     Lost {
         /// The name whose lock was lost.
