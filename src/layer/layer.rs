@@ -124,6 +124,8 @@ impl<L: Locker, K: KeyExtractor> LockLayer<L, K> {
     }
 
     /// Waits in line up to `timeout` for a contended name, then answers 423.
+    /// The timeout bounds the wait in line; each etcd request on the way is
+    /// bounded by the locker's own request timeout.
     pub fn wait(self, timeout: Duration) -> Self {
         self.with(|s| s.wait = Wait::Timeout(timeout))
     }
