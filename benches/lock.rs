@@ -141,6 +141,17 @@ fn locker(client: etcd_client::Client, ns: &str, ttl: u64) -> Result<EtcdLocker,
 
 // ---- 1-3. single operations, interleaved with their baseline ----
 
+/// The raw baseline of a lock: put `key` with `lease` if it does not exist.
+fn put_if_absent(key: &str, lease: i64) -> Txn {
+    Txn::new()
+        .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then(vec![TxnOp::put(
+            key,
+            "",
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+}
+
 struct Single {
     txn: Stats,
     delete: Stats,
@@ -165,19 +176,8 @@ async fn single_ops(
     let mut t: [Vec<Duration>; 5] = Default::default();
     for i in 0..iters + 100 {
         let key = format!("bench-raw/k/{lease:x}-{i:x}");
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![TxnOp::put(
-                key.clone(),
-                "",
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
         let t0 = Instant::now();
-        let resp = c.txn(txn).await?;
+        let resp = c.txn(put_if_absent(&key, lease)).await?;
         let t1 = Instant::now();
         assert!(resp.succeeded());
         c.delete(key, None).await?;
@@ -448,18 +448,7 @@ async fn etcd_raw_per_sec(
             let key = format!("bench-raw-c/{w}");
             while Instant::now() < end {
                 if lock_cycles {
-                    let txn = Txn::new()
-                        .when(vec![Compare::create_revision(
-                            key.clone(),
-                            CompareOp::Equal,
-                            0,
-                        )])
-                        .and_then(vec![TxnOp::put(
-                            key.clone(),
-                            "",
-                            Some(PutOptions::new().with_lease(lease)),
-                        )]);
-                    c.txn(txn).await?;
+                    c.txn(put_if_absent(&key, lease)).await?;
                     c.delete(key.clone(), None).await?;
                 } else {
                     c.put(key.clone(), "x", None).await?;
