@@ -1175,3 +1175,61 @@ async fn cancelled_release_still_releases() {
     .await;
     assert_no_keys_left(&etcd).await;
 }
+
+// ---------------------------------------------------------------------------
+// Fenced writes
+// ---------------------------------------------------------------------------
+
+/// `txn_if_held` applies only while the lock is held by that very
+/// acquisition: not after its release, not for a later holder that reuses
+/// the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_apply_only_while_held() {
+    use etcd_client::TxnOp;
+
+    let etcd = etcd().await;
+    let a = locker(&etcd, 10).await;
+    let lock_name = name("fenced");
+    let mut client = etcd.client().await.expect("connect");
+    let read = |client: &mut etcd_client::Client| {
+        let mut client = client.clone();
+        async move {
+            let resp = client.get("data/fenced", None).await.expect("get");
+            resp.kvs().first().map(|kv| kv.value().to_vec())
+        }
+    };
+
+    let first = a.try_acquire(&lock_name).await.expect("acquire");
+    let stale = first.info().clone();
+    a.txn_if_held(&stale, vec![TxnOp::put("data/fenced", "1", None)])
+        .await
+        .expect("held: applies");
+    assert_eq!(read(&mut client).await.as_deref(), Some(&b"1"[..]));
+    first.release().await.expect("release");
+
+    let refused = a
+        .txn_if_held(&stale, vec![TxnOp::put("data/fenced", "2", None)])
+        .await;
+    assert!(
+        matches!(refused, Err(LockError::Lost { .. })),
+        "{refused:?}"
+    );
+
+    // The same locker takes the name again: same key, new create revision.
+    let second = a.try_acquire(&lock_name).await.expect("acquire again");
+    assert_eq!(second.key(), stale.key(), "the slot is reused");
+    assert!(second.token() > stale.token());
+    let refused = a
+        .txn_if_held(&stale, vec![TxnOp::put("data/fenced", "3", None)])
+        .await;
+    assert!(
+        matches!(refused, Err(LockError::Lost { .. })),
+        "{refused:?}"
+    );
+    a.txn_if_held(second.info(), vec![TxnOp::put("data/fenced", "4", None)])
+        .await
+        .expect("the new holder writes");
+    assert_eq!(read(&mut client).await.as_deref(), Some(&b"4"[..]));
+    drop(second);
+    assert_no_keys_left(&etcd).await;
+}
