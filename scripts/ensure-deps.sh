@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing tower-lease-lock needs, only when missing:
-# protoc (etcd-client's build script), etcd (tests, demo) and etcdctl (interop
-# tests). Uses apt-get (through sudo when not root); elsewhere it says what to
+# protoc (etcd-client's build script), etcd (tests, demo), etcdctl (interop
+# tests) and procps (kill, pkill). Uses apt-get (through sudo when not root); elsewhere it says what to
 # install and fails.
 set -euo pipefail
 
@@ -14,6 +14,10 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+# pkill for CI's clean-up; a kill binary for the tests that pause etcd (SIGSTOP).
+if ! command -v pkill >/dev/null 2>&1 || ! { [ -x /bin/kill ] || [ -x /usr/bin/kill ]; }; then
+  missing+=(procps)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
