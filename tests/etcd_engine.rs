@@ -9,14 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, ExitStatus, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::Proc;
 use common::*;
-use tokio::sync::mpsc;
 use tower_lease_lock::etcd::EtcdLocker;
 use tower_lease_lock::testing::EtcdServer;
 use tower_lease_lock::{LockError, LockGuard, LockName, Locker};
@@ -495,78 +495,6 @@ async fn stale_lease_is_replaced_on_next_acquisition() {
 // 8. A holder process killed with SIGKILL frees its lock after its TTL
 // ---------------------------------------------------------------------------
 
-/// A child process whose stdout lines arrive on a channel. Killed (SIGKILL)
-/// and reaped when dropped, on every path.
-struct ChildProcess {
-    child: std::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl ChildProcess {
-    fn spawn(command: &mut Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// The next line of stdout; `None` once stdout closed. Panics after `limit`.
-    async fn next_line(&mut self, what: &str, limit: Duration) -> Option<String> {
-        tokio::time::timeout(limit, self.lines.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no {what} on stdout within {limit:?}"))
-    }
-
-    /// Sends a signal (`INT`, `KILL`, ...).
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed");
-    }
-
-    /// Waits for the process to exit; panics after `limit`.
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "process did not exit within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 const CHILD_ENDPOINT: &str = "TLL_CHILD_ENDPOINT";
 const CHILD_NAME: &str = "TLL_CHILD_NAME";
 const CHILD_TTL: u64 = 3;
@@ -601,7 +529,8 @@ async fn killed_holder_process() {
     let lock_name = name("killed-holder");
 
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = ChildProcess::spawn(
+    let mut child = Proc::spawn(
+        "holder child",
         Command::new(exe)
             .args([
                 "holder_process_child",
@@ -614,7 +543,7 @@ async fn killed_holder_process() {
     );
     let child_token: u64 = loop {
         let line = child
-            .next_line("HELD from the child", Duration::from_secs(30))
+            .next_line(Duration::from_secs(30))
             .await
             .expect("the child exited before it held the lock");
         if let Some(at) = line.find("HELD ") {
@@ -649,15 +578,18 @@ async fn killed_holder_process() {
 // 9. `etcdctl lock` and our locks exclude each other, both ways
 // ---------------------------------------------------------------------------
 
-fn etcdctl_lock(endpoint: &str, lock: &str) -> ChildProcess {
-    ChildProcess::spawn(Command::new("etcdctl").env("ETCDCTL_API", "3").args([
-        "--endpoints",
-        endpoint,
-        "lock",
-        "--ttl",
-        "3",
-        lock,
-    ]))
+fn etcdctl_lock(endpoint: &str, lock: &str) -> Proc {
+    Proc::spawn(
+        "etcdctl lock",
+        Command::new("etcdctl").env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            endpoint,
+            "lock",
+            "--ttl",
+            "3",
+            lock,
+        ]),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,7 +605,7 @@ async fn etcdctl_interop() {
     // (a) etcdctl holds: we are refused, and we wait behind it.
     let mut ctl = etcdctl_lock(&endpoint, &etcdctl_name);
     let ctl_key = ctl
-        .next_line("etcdctl's lock key", Duration::from_secs(10))
+        .next_line(Duration::from_secs(10))
         .await
         .expect("etcdctl exited without locking");
     assert!(ctl_key.starts_with(&prefix), "etcdctl key {ctl_key}");
@@ -714,10 +646,7 @@ async fn etcdctl_interop() {
     let mut ctl = etcdctl_lock(&endpoint, &etcdctl_name);
     wait_for_keys(&etcd, &prefix, 2).await; // etcdctl is in line
     tokio::time::sleep(Duration::from_secs(1)).await; // the subject: it must not acquire
-    assert!(
-        ctl.lines.try_recv().is_err(),
-        "etcdctl acquired a lock we hold"
-    );
+    assert!(!ctl.has_output(), "etcdctl acquired a lock we hold");
     let ctl_key = keys_under(&etcd, &prefix)
         .await
         .into_iter()
@@ -725,7 +654,7 @@ async fn etcdctl_interop() {
         .expect("etcdctl's key");
     ours.release().await.expect("release");
     let printed = ctl
-        .next_line("etcdctl's lock key", Duration::from_secs(5))
+        .next_line(Duration::from_secs(5))
         .await
         .expect("etcdctl exited without locking");
     assert_eq!(printed, ctl_key);

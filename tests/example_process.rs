@@ -6,27 +6,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use common::process::Proc;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tower_lease_lock::testing::{free_port, EtcdServer};
 
 const NAMESPACE: &str = "demo/";
 /// How long an instance may take to print `listening on`.
 const START_LIMIT: Duration = Duration::from_secs(30);
-/// How long an instance may take to exit after SIGTERM.
-const STOP_LIMIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // The example binary
@@ -88,106 +84,6 @@ fn example_binary() -> PathBuf {
 // Child processes, stopped on every path
 // ---------------------------------------------------------------------------
 
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-/// A child process with its stdout lines (and their arrival times) on a
-/// channel and its stderr kept for the failure report. Dropping it sends
-/// SIGTERM, then SIGKILL if it does not exit, and reaps it.
-struct Proc {
-    what: String,
-    child: Child,
-    lines: mpsc::UnboundedReceiver<(Instant, String)>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(what: &str, command: &mut Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((Instant::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let pipe = child.stderr.take().expect("piped stderr");
-        let kept = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                kept.lock().unwrap().push(line);
-            }
-        });
-        Self {
-            what: what.to_string(),
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    /// The next stdout line and when it arrived; `None` once stdout closed.
-    async fn next_line(&mut self, limit: Duration) -> Option<(Instant, String)> {
-        tokio::time::timeout(limit, self.lines.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{}: no output within {limit:?}", self.what))
-    }
-
-    /// Waits for the process to exit; panics after `limit`.
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{} did not exit within {limit:?}",
-                self.what
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// SIGTERM, and the exit status.
-    async fn terminate(&mut self) -> ExitStatus {
-        signal(self.child.id(), "TERM");
-        self.wait_exit(STOP_LIMIT).await
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.child.id(), "TERM");
-            let started = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && started.elapsed() < STOP_LIMIT {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let stderr = self.stderr.lock().unwrap();
-            eprintln!("--- stderr of {} ---\n{}", self.what, stderr.join("\n"));
-        }
-    }
-}
-
 /// One instance of the demo, listening on its own loopback port.
 struct Instance {
     proc: Proc,
@@ -206,7 +102,7 @@ async fn start_instance(binary: &Path, what: &str, etcd: &EtcdServer, wait_ms: u
             .env("RUST_LOG", "warn"),
     );
     loop {
-        match proc.next_line(START_LIMIT).await {
+        match proc.next_line_at(START_LIMIT).await {
             Some((_, line)) if line.contains("listening on") => {
                 assert!(line.contains(&addr), "{what}: {line}");
                 break;
@@ -392,7 +288,7 @@ async fn two_instances_serialize_one_tenant() {
     assert_eq!(held.json()["value"], REQUESTS as u64 + 1);
     assert!(held.at - held_at >= Duration::from_millis(1500));
     let (acquired_at, line) = etcdctl
-        .next_line(Duration::from_secs(10))
+        .next_line_at(Duration::from_secs(10))
         .await
         .expect("etcdctl printed nothing");
     assert_eq!(line, "acquired");
@@ -414,7 +310,7 @@ async fn two_instances_serialize_one_tenant() {
         assert!(
             status.success(),
             "{} exited with {status}",
-            instance.proc.what
+            instance.proc.what()
         );
     }
     assert_no_keys_left_under(&etcd, NAMESPACE).await;

@@ -2,6 +2,8 @@
 //! separate clients, and key counting.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -15,14 +17,23 @@ pub async fn etcd() -> EtcdServer {
     EtcdServer::start().await.expect("start etcd")
 }
 
-/// A locker on its own client (its own connection, lease and watch stream).
-pub async fn locker(etcd: &EtcdServer, ttl_secs: u64) -> EtcdLocker {
-    EtcdLocker::builder(etcd.client().await.expect("connect"))
+/// A locker in the test namespace on `client`.
+pub fn locker_on(
+    client: etcd_client::Client,
+    ttl_secs: u64,
+    request_timeout: Duration,
+) -> EtcdLocker {
+    EtcdLocker::builder(client)
         .namespace(NS)
         .ttl(Duration::from_secs(ttl_secs))
-        .request_timeout(Duration::from_secs(2))
+        .request_timeout(request_timeout)
         .build()
         .expect("build locker")
+}
+
+/// A locker on its own client (its own connection, lease and watch stream).
+pub async fn locker(etcd: &EtcdServer, ttl_secs: u64) -> EtcdLocker {
+    locker_with_timeout(etcd, ttl_secs, Duration::from_secs(2)).await
 }
 
 /// Keys under `prefix`.
@@ -78,12 +89,8 @@ pub async fn locker_with_timeout(
     ttl_secs: u64,
     request_timeout: Duration,
 ) -> EtcdLocker {
-    EtcdLocker::builder(etcd.client().await.expect("connect"))
-        .namespace(NS)
-        .ttl(Duration::from_secs(ttl_secs))
-        .request_timeout(request_timeout)
-        .build()
-        .expect("build locker")
+    let client = etcd.client().await.expect("connect");
+    locker_on(client, ttl_secs, request_timeout)
 }
 
 /// A locker connected to `endpoint` directly (for child processes, which
@@ -92,12 +99,7 @@ pub async fn locker_at(endpoint: &str, ttl_secs: u64) -> EtcdLocker {
     let client = etcd_client::Client::connect([endpoint], None)
         .await
         .expect("connect");
-    EtcdLocker::builder(client)
-        .namespace(NS)
-        .ttl(Duration::from_secs(ttl_secs))
-        .request_timeout(Duration::from_secs(2))
-        .build()
-        .expect("build locker")
+    locker_on(client, ttl_secs, Duration::from_secs(2))
 }
 
 /// The create revision of `key`, or `None` when it does not exist.
