@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use crate::guard::{BoxFuture, LockInfo, LostSignal, Release};
 use crate::mode::{grant, Grant};
-use crate::{Holder, LockError, LockGuard, LockMode, LockName, Locker, Wait};
+use tracing::Instrument;
+
+use crate::{trace, Holder, LockError, LockGuard, LockMode, LockName, Locker, Wait};
 
 /// An in-process [`Locker`]. Clones share the same locks.
 ///
@@ -157,7 +159,24 @@ impl Locker for MemoryLocker {
         wait: Wait,
     ) -> Result<LockGuard, LockError> {
         let started = Instant::now();
-        let wait = wait.normalized();
+        let span = trace::acquire_span("memory", name, mode);
+        let result = self
+            .lock_in_line(name, mode, wait.normalized(), started)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| trace::record_outcome(&result, started.elapsed()));
+        result
+    }
+}
+
+impl MemoryLocker {
+    async fn lock_in_line(
+        &self,
+        name: &LockName,
+        mode: LockMode,
+        wait: Wait,
+        started: Instant,
+    ) -> Result<LockGuard, LockError> {
         let mut ticket = self.enqueue(name, mode);
         let deadline = match wait {
             Wait::Try => None,

@@ -34,4 +34,5 @@ pub use layer::{LayerConfigError, LockLayer, OnLost};
 pub use rejection::LockRejection;
 pub use service::LockService;
 
+#[cfg(feature = "axum")]
 pub(crate) use rejection::{body_text_of, plain_response, status_of};
