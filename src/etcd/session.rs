@@ -125,8 +125,8 @@ impl Sessions {
         })?;
         let (trigger, _) = LostSignal::new();
         let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
-        trigger
-            .set_deadline((sent + granted_ttl.saturating_sub(config.safety_margin())).into_std());
+        let deadline = sent + granted_ttl.saturating_sub(config.safety_margin());
+        trigger.set_deadline(deadline.into_std());
         let session = Arc::new(Session {
             lease_id: granted.id(),
             trigger,
@@ -145,7 +145,7 @@ impl Sessions {
             margin: config.safety_margin(),
             request_timeout: config.request_timeout,
             paused: Arc::clone(&self.renewal_paused),
-            deadline: sent,
+            deadline,
             stream: None,
         };
         let span = tracing::debug_span!("lock.lease", lease_id = granted.id());
@@ -197,7 +197,6 @@ impl Renewal {
         // However this task ends (even dropped with its runtime), the
         // session's guards are told.
         let _guard = LostOnExit(self.session.clone());
-        self.deadline = granted_sent + self.ttl.saturating_sub(self.margin);
         let mut next = granted_sent + self.cadence;
         let lost = signal.lost();
         tokio::pin!(lost);
