@@ -6,6 +6,7 @@
 mod error;
 mod guard;
 mod locker;
+mod lost;
 mod memory;
 mod mode;
 mod name;
@@ -21,9 +22,10 @@ pub mod layer;
 pub mod testing;
 
 pub use error::{BoxError, Holder, LockError};
-pub use guard::{BoxFuture, LockGuard, LockInfo, LostSignal, LostTrigger, Release};
+pub use guard::{BoxFuture, LockGuard, LockInfo, Release};
 pub use layer::{Key, LockLayer};
 pub use locker::{Locker, Wait};
+pub use lost::{LostSignal, LostTrigger};
 pub use memory::MemoryLocker;
 pub use mode::LockMode;
 pub use name::{InvalidName, LockName, MAX_NAME_LEN};

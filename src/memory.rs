@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::guard::{BoxFuture, LockInfo, LostSignal, Release};
+use crate::guard::{BoxFuture, LockInfo, Release};
 use crate::mode::{grant, Grant};
+use crate::LostSignal;
 use tracing::Instrument;
 
 use crate::{trace, Holder, LockError, LockGuard, LockMode, LockName, Locker, Wait};

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::config::Config;
 use super::rpc;
-use crate::guard::{LostSignal, LostTrigger};
+use crate::lost::{LostSignal, LostTrigger};
 use crate::LockError;
 
 /// How soon a failed renewal is retried.
