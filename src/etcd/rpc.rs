@@ -1,7 +1,20 @@
-//! Every etcd request goes through here: bounded in time, errors mapped.
+//! Every etcd request goes through here: bounded in time, errors mapped, and
+//! idempotent ones hedged against a stalled member.
+//!
+//! etcd-client spreads requests over the cluster's members at random (its
+//! balancer sees no load), so while one member is stalled (paused, cut off
+//! behind a half-open connection) about one request in three hangs there
+//! until its timeout. Requests that may be repeated safely are therefore
+//! *hedged*: when an attempt has not answered after a short delay, another
+//! one is started beside it, and the first answer wins. Writes whose
+//! repetition matters (the txn that puts a lock key) are never repeated.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::LockError;
 
@@ -14,43 +27,62 @@ pub(crate) async fn with_timeout<T>(
 ) -> Result<T, LockError> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(LockError::unavailable(
-            format!("etcd {what} failed: {err}"),
-            err,
-        )),
-        Err(_) => Err(LockError::Unavailable {
-            message: format!("etcd {what} did not answer within {timeout:?}"),
-            source: None,
-        }),
+        Ok(Err(err)) => Err(failed(what, err)),
+        Err(_) => Err(timed_out(what, timeout)),
     }
 }
 
-/// Like [`with_timeout`], for requests that may be repeated safely: a quick
-/// failure (a connection reset while a member fails over, a refused connect to
-/// a dead endpoint) is retried with a short backoff until `timeout` runs out.
-pub(crate) async fn idempotent<T, F, Fut>(
-    timeout: Duration,
-    what: &'static str,
-    mut request: F,
-) -> Result<T, LockError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, etcd_client::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = RETRY_BACKOFF;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match with_timeout(left, what, request()).await {
-            Err(err @ LockError::Unavailable { .. })
-                if tokio::time::Instant::now() + backoff < deadline =>
-            {
-                tracing::debug!(error = %err, "retrying etcd {what}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
-            }
-            other => return other,
+fn failed(what: &str, err: etcd_client::Error) -> LockError {
+    LockError::unavailable(format!("etcd {what} failed: {}", short(&err)), err)
+}
+
+fn timed_out(what: &str, timeout: Duration) -> LockError {
+    LockError::Unavailable {
+        message: format!("etcd {what} did not answer within {timeout:?}"),
+        source: None,
+    }
+}
+
+/// The gist of an etcd error, without the transport's nested causes (those
+/// stay reachable through the error's source).
+fn short(err: &etcd_client::Error) -> String {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
         }
+        other => other.to_string(),
+    }
+}
+
+/// How to repeat an idempotent request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hedge {
+    /// The bound on the whole call, every attempt included.
+    pub(crate) budget: Duration,
+    /// Start another attempt beside the running ones when none answered for
+    /// this long.
+    pub(crate) after: Duration,
+}
+
+impl Hedge {
+    /// The usual hedge for a locker with this request timeout: a quarter of
+    /// it, between 50 ms and 1 s (an answer from a live member takes
+    /// milliseconds; a hedge costs one more request).
+    pub(crate) fn for_timeout(request_timeout: Duration) -> Self {
+        Self {
+            budget: request_timeout,
+            after: (request_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        }
+    }
+
+    /// The same hedge within another budget.
+    pub(crate) fn within(self, budget: Duration) -> Self {
+        Self { budget, ..self }
+    }
+
+    /// The same budget, hedging after `after` instead.
+    pub(crate) fn after(self, after: Duration) -> Self {
+        Self { after, ..self }
     }
 }
 
@@ -58,6 +90,111 @@ where
 pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// The longest pause between retries.
 pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(400);
+
+/// Runs a request that may be repeated safely, within `hedge.budget`.
+///
+/// An attempt that has not answered after `hedge.after` gets a sibling; an
+/// attempt that fails quickly (a reset connection while a member fails over)
+/// is followed by another after a short backoff; an error that repeating
+/// cannot fix (permission denied, lease not found) is returned at once. The
+/// first success wins. Attempts run in tasks of their own, so dropping the
+/// caller does not cut them off mid-request: a success that arrives after the
+/// call returned (or was dropped) is handed to `late` (to revoke an extra
+/// lease, say) instead of being lost.
+///
+/// Returns the value and how many attempts were started.
+pub(crate) async fn hedged<T, F, Fut>(
+    hedge: Hedge,
+    what: &'static str,
+    mut attempt: F,
+    late: impl Fn(T) + Send + Sync + 'static,
+) -> Result<(T, usize), LockError>
+where
+    T: Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+{
+    let deadline = Instant::now() + hedge.budget;
+    let late = Arc::new(late);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<T, etcd_client::Error>>();
+    let mut started = 0;
+    let mut running = 0;
+    let mut backoff = RETRY_BACKOFF;
+    let mut next_start = Some(Instant::now());
+    let mut last_error = None;
+    loop {
+        if next_start.is_some_and(|at| at <= Instant::now()) {
+            let request = attempt();
+            let (tx, late) = (tx.clone(), Arc::clone(&late));
+            started += 1;
+            running += 1;
+            tokio::spawn(async move {
+                let result = match tokio::time::timeout_at(deadline, request).await {
+                    Ok(result) => result,
+                    Err(_) => return, // the caller reports the timeout
+                };
+                if let Err(mpsc::error::SendError(Ok(value))) = tx.send(result) {
+                    late(value);
+                }
+            });
+            next_start = Some(Instant::now() + hedge.after).filter(|at| *at < deadline);
+        }
+        let wake = next_start.map_or(deadline, |at| at.min(deadline));
+        tokio::select! {
+            answer = rx.recv() => match answer {
+                Some(Ok(value)) => return Ok((value, started)),
+                Some(Err(err)) => {
+                    running -= 1;
+                    if !is_retryable(&err) {
+                        return Err(failed(what, err));
+                    }
+                    tracing::debug!(error = %short(&err), "etcd {what} failed; retrying");
+                    last_error = Some(err);
+                    if running == 0 {
+                        // Nothing in flight: the next attempt after a backoff,
+                        // not after a full hedge delay.
+                        let at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                        next_start = Some(at).filter(|at| *at < deadline);
+                    }
+                }
+                None => {} // unreachable: `tx` is held here
+            },
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        if Instant::now() >= deadline || (next_start.is_none() && running == 0) {
+            return Err(match last_error {
+                Some(err) if running == 0 => failed(what, err),
+                _ => timed_out(what, hedge.budget),
+            });
+        }
+    }
+}
+
+/// `false` for errors that repeating the request cannot fix.
+pub(crate) fn is_retryable(err: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match err {
+        etcd_client::Error::GRpcStatus(status) => {
+            !matches!(
+                status.code(),
+                Code::PermissionDenied
+                    | Code::Unauthenticated
+                    | Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::OutOfRange
+                    | Code::Unimplemented
+                    | Code::AlreadyExists
+            ) && !is_lease_not_found(err)
+        }
+        etcd_client::Error::InvalidArgs(_)
+        | etcd_client::Error::InvalidUri(_)
+        | etcd_client::Error::InvalidMetadataValue(_) => false,
+        etcd_client::Error::LeaseKeepAliveError(msg) => !msg.contains("lease not found"),
+        _ => true,
+    }
+}
 
 /// `true` when etcd refused a request because its lease no longer exists.
 pub(crate) fn is_lease_not_found(err: &etcd_client::Error) -> bool {
@@ -68,34 +205,48 @@ pub(crate) fn is_lease_not_found(err: &etcd_client::Error) -> bool {
     }
 }
 
-/// The same test on a mapped error.
-pub(crate) fn lock_error_is_lease_not_found(err: &LockError) -> bool {
+/// The etcd error under a mapped error, if any.
+fn source_of(err: &LockError) -> Option<&etcd_client::Error> {
     match err {
         LockError::Unavailable {
             source: Some(source),
             ..
-        } => source
-            .downcast_ref::<etcd_client::Error>()
-            .is_some_and(is_lease_not_found),
-        _ => false,
+        } => source.downcast_ref::<etcd_client::Error>(),
+        _ => None,
     }
 }
 
-/// `true` when a failed write certainly was not applied: etcd refused it for
-/// a missing lease, or the connection was never made. Anything else (a
-/// timeout, a reset connection) may still be applied later.
+/// The same test on a mapped error.
+pub(crate) fn lock_error_is_lease_not_found(err: &LockError) -> bool {
+    source_of(err).is_some_and(is_lease_not_found)
+}
+
+/// `true` when a mapped error is one that repeating cannot fix.
+pub(crate) fn lock_error_is_permanent(err: &LockError) -> bool {
+    source_of(err).is_some_and(|e| !is_retryable(e))
+}
+
+/// `true` when a failed write certainly was not applied: etcd refused it (a
+/// missing lease, a permission), or the connection was never made. Anything
+/// else (a timeout, a reset connection) may still be applied later.
 pub(crate) fn certainly_not_applied(err: &LockError) -> bool {
-    if lock_error_is_lease_not_found(err) {
-        return true;
-    }
-    match err {
-        LockError::Unavailable {
-            source: Some(source),
-            ..
-        } => {
-            let text = source.to_string();
-            text.contains("tcp connect error") || text.contains("Connection refused")
+    let Some(source) = source_of(err) else {
+        return false;
+    };
+    if let etcd_client::Error::GRpcStatus(status) = source {
+        use tonic::Code;
+        if matches!(
+            status.code(),
+            Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::NotFound
+        ) || is_lease_not_found(source)
+        {
+            return true;
         }
-        _ => false,
     }
+    let text = source.to_string();
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
