@@ -1,35 +1,51 @@
-//! The locker's one lease, shared by all its locks, and the task that renews it.
+//! The locker's leases: the current one, shared by all new locks, and the
+//! retired ones that guards still hold.
 //!
-//! Renewal runs every `cadence`. After each answered keepalive the local
-//! deadline becomes `sent + ttl - margin`, timed from when the request was
-//! *sent*: the server cannot expire the lease before `sent + ttl`, so a holder
-//! that trusts its lock only until the local deadline gives it up before anyone
-//! else can be granted it. When the deadline passes without renewal, or etcd
-//! says the lease is gone, every guard of the session is told through its
-//! [`LostSignal`](crate::LostSignal), the lease is revoked on a best-effort
-//! basis, and the next acquisition grants a fresh lease.
+//! A lease is granted by the first acquisition and renewed by a task of its
+//! own ([`renewal`](super::renewal)). It is *retired* (no new lock uses it)
+//! when a put of unknown outcome might still land under it: new acquisitions
+//! then get a fresh lease, and the retired one is revoked once its last guard
+//! is gone, taking any such late key with it. Until then the
+//! [`orphans`](super::orphans) sweeper deletes such keys if they appear.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use etcd_client::{LeaseClient, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::config::Config;
-use super::rpc;
+use super::local::LocalKeys;
+use super::renewal::Renewal;
+use super::rpc::{self, Hedge};
 use crate::lost::{LostSignal, LostTrigger};
 use crate::LockError;
 
-/// How soon a failed renewal is retried.
-const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+/// The reason given to guards when the locker shuts down.
+pub(crate) const SHUT_DOWN: &str = "the locker shut down";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data whole; recover from poison.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Told the lease id when a session is dropped.
+type OnDrop = Box<dyn FnOnce(i64) + Send>;
 
 /// One granted lease.
-#[derive(Debug)]
 pub(crate) struct Session {
     lease_id: i64,
     trigger: LostTrigger,
+    /// Set once no new lock may use this lease.
+    retired: AtomicBool,
+    /// Set once the lease was revoked on purpose (shutdown): its renewal task
+    /// need not revoke it again, and its loss is not a warning.
+    revoked: AtomicBool,
+    /// Told when the last reference is gone (the lease's keys and retired
+    /// slots are then forgotten).
+    on_drop: Mutex<Option<OnDrop>>,
 }
 
 impl Session {
@@ -45,64 +61,152 @@ impl Session {
         self.trigger.is_triggered()
     }
 
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn was_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
     /// Moves the local deadline on after a renewal.
-    fn extend(&self, deadline: Instant) {
+    pub(crate) fn extend(&self, deadline: Instant) {
         self.trigger.set_deadline(deadline.into_std());
     }
 
+    /// Tells every guard of this lease that it is lost. Logged as a warning
+    /// unless the locker gave the lease up on purpose.
     pub(crate) fn mark_lost(&self, reason: &str) {
-        if !self.is_lost() {
+        if !self.is_lost() && !self.was_revoked() {
             tracing::warn!(lease_id = self.lease_id, reason, "lease lost");
         }
         self.trigger.trigger(reason);
     }
+
+    /// Marks the lease revoked on purpose and its guards lost, quietly.
+    fn revoked_on_purpose(&self, reason: &str) {
+        self.revoked.store(true, Ordering::Release);
+        self.retired.store(true, Ordering::Release);
+        tracing::debug!(lease_id = self.lease_id, reason, "lease given up");
+        self.trigger.trigger(reason);
+    }
 }
 
-/// The current session of a locker, replaced when lost.
+impl Drop for Session {
+    fn drop(&mut self) {
+        let on_drop = lock(&self.on_drop).take();
+        if let Some(on_drop) = on_drop {
+            on_drop(self.lease_id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("lease_id", &self.lease_id)
+            .field("retired", &self.is_retired())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+/// Every lease of a locker.
 pub(crate) struct Sessions {
     current: Mutex<Option<Arc<Session>>>,
     granting: tokio::sync::Mutex<()>,
     /// When the last grant failed, and why: callers that queued behind that
     /// grant share its failure instead of trying again one after another.
     last_failure: Mutex<Option<(Instant, String)>>,
+    /// Every lease granted and not yet dropped: the current one and the
+    /// retired ones guards still hold. A key under one of these leases that
+    /// the locker does not track is an orphan of ours.
+    leases: Arc<Mutex<HashMap<i64, Weak<Session>>>>,
+    local: Arc<LocalKeys>,
+    /// Set by [`Sessions::shut_down`]: no lease is granted any more.
+    closed: AtomicBool,
     /// Test hook: when set, renewals are skipped (the lease runs out).
     pub(crate) renewal_paused: Arc<AtomicBool>,
 }
 
 impl Sessions {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(local: Arc<LocalKeys>) -> Self {
         Self {
             current: Mutex::new(None),
             granting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
+            leases: Arc::new(Mutex::new(HashMap::new())),
+            local,
+            closed: AtomicBool::new(false),
             renewal_paused: Arc::new(AtomicBool::new(false)),
         }
     }
 
+    /// The current session if it is usable. A lost or retired one is let
+    /// go, so that it is dropped (and its lease revoked) with its last guard.
     fn live(&self) -> Option<Arc<Session>> {
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|s| !s.is_lost()).cloned()
+        let mut current = lock(&self.current);
+        if current
+            .as_ref()
+            .is_some_and(|s| s.is_lost() || s.is_retired())
+        {
+            *current = None;
+        }
+        current.clone()
     }
 
-    /// The live session, granting a lease first if there is none.
+    /// `true` when `lease_id` is one of this locker's leases.
+    pub(crate) fn is_ours(&self, lease_id: i64) -> bool {
+        lease_id != 0
+            && lock(&self.leases)
+                .get(&lease_id)
+                .is_some_and(|s| s.strong_count() > 0)
+    }
+
+    /// Every lease still referenced: the current one and the retired ones.
+    pub(crate) fn all(&self) -> Vec<Arc<Session>> {
+        lock(&self.leases)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// How many leases this locker holds (current and retired).
+    pub(crate) fn count(&self) -> usize {
+        lock(&self.leases)
+            .values()
+            .filter(|s| s.strong_count() > 0)
+            .count()
+    }
+
+    /// The live session, granting a lease first if there is none, by
+    /// `deadline` at the latest.
     pub(crate) async fn get(
         &self,
         client: &etcd_client::Client,
         config: &Config,
+        deadline: Instant,
     ) -> Result<Arc<Session>, LockError> {
+        if self.is_closed() {
+            return Err(shut_down_error());
+        }
         if let Some(session) = self.live() {
             return Ok(session);
         }
         let queued = Instant::now();
-        let _granting = self.granting.lock().await;
+        let Ok(_granting) = tokio::time::timeout_at(deadline, self.granting.lock()).await else {
+            return Err(LockError::Unavailable {
+                message: "etcd lease grant did not finish in time (queued behind another)".into(),
+                source: None,
+            });
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(shut_down_error());
+        }
         if let Some(session) = self.live() {
             return Ok(session);
         }
-        let failed = self
-            .last_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let failed = lock(&self.last_failure).clone();
         if let Some((at, message)) = failed.filter(|(at, _)| *at >= queued) {
             let ago = at.elapsed();
             return Err(LockError::Unavailable {
@@ -110,35 +214,74 @@ impl Sessions {
                 source: None,
             });
         }
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .min(config.request_timeout);
+        let session = self
+            .grant(client, config, budget)
+            .await
+            .inspect_err(|err| {
+                *lock(&self.last_failure) = Some((Instant::now(), err.to_string()))
+            })?;
+        *lock(&self.current) = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    async fn grant(
+        &self,
+        client: &etcd_client::Client,
+        config: &Config,
+        budget: Duration,
+    ) -> Result<Arc<Session>, LockError> {
         let leases = client.lease_client();
         let ttl_secs = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
-        let mut sent = Instant::now();
-        let granted = rpc::idempotent(config.request_timeout, "lease grant", || {
-            let mut leases = leases.clone();
-            sent = Instant::now();
-            async move { leases.grant(ttl_secs, None).await }
-        })
-        .await
-        .inspect_err(|err| {
-            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((Instant::now(), err.to_string()));
-        })?;
+        // A hedged grant may grant twice: the extra leases are revoked.
+        let revoke_extra = {
+            let leases = leases.clone();
+            move |(granted, _): (etcd_client::LeaseGrantResponse, Instant)| {
+                let mut leases = leases.clone();
+                tokio::spawn(async move {
+                    let _ = leases.revoke(granted.id()).await;
+                });
+            }
+        };
+        let ((granted, sent), _) = rpc::hedged(
+            Hedge::for_timeout(config.request_timeout).within(budget),
+            "lease grant",
+            || {
+                let mut leases = leases.clone();
+                let sent = Instant::now();
+                async move { leases.grant(ttl_secs, None).await.map(|g| (g, sent)) }
+            },
+            revoke_extra,
+        )
+        .await?;
+        let lease_id = granted.id();
         let (trigger, _) = LostSignal::new();
         let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
         let deadline = sent + granted_ttl.saturating_sub(config.safety_margin());
         trigger.set_deadline(deadline.into_std());
+        let (registry, local) = (Arc::downgrade(&self.leases), Arc::downgrade(&self.local));
+        let on_drop = move |lease_id: i64| {
+            if let Some(registry) = registry.upgrade() {
+                lock(&registry).remove(&lease_id);
+            }
+            if let Some(local) = local.upgrade() {
+                local.forget_lease(lease_id);
+            }
+        };
         let session = Arc::new(Session {
-            lease_id: granted.id(),
+            lease_id,
             trigger,
+            retired: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            on_drop: Mutex::new(Some(Box::new(on_drop))),
         });
-        tracing::debug!(
-            lease_id = granted.id(),
-            ttl = granted.ttl(),
-            "lease granted"
-        );
+        lock(&self.leases).insert(lease_id, Arc::downgrade(&session));
+        tracing::debug!(lease_id, ttl = granted.ttl(), "lease granted");
         let renewal = Renewal {
             session: Arc::downgrade(&session),
-            lease_id: granted.id(),
+            lease_id,
             leases,
             ttl: granted_ttl,
             cadence: config.cadence,
@@ -146,138 +289,74 @@ impl Sessions {
             request_timeout: config.request_timeout,
             paused: Arc::clone(&self.renewal_paused),
             deadline,
-            stream: None,
         };
-        let span = tracing::debug_span!("lock.lease", lease_id = granted.id());
+        let span = tracing::debug_span!("lock.lease", lease_id);
         tokio::spawn(renewal.run(sent, session.signal()).instrument(span));
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&session));
         Ok(session)
     }
 
-    /// Drops the current session if it is `session` (after etcd said its lease is gone).
-    pub(crate) fn forget(&self, session: &Arc<Session>) {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+    /// Retires `session`: no new lock uses it. A fresh lease is granted for
+    /// the next acquisition; this one is revoked when its last guard is gone.
+    pub(crate) fn retire(&self, session: &Arc<Session>) {
+        session.retired.store(true, Ordering::Release);
+        let mut current = lock(&self.current);
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
             *current = None;
         }
     }
-}
 
-/// Marks the session lost when the renewal task ends or is dropped.
-struct LostOnExit(Weak<Session>);
-
-impl Drop for LostOnExit {
-    fn drop(&mut self) {
-        if let Some(session) = self.0.upgrade() {
-            session.mark_lost("the lease renewal task stopped");
+    /// Refuses every later grant, revokes every lease (which deletes every
+    /// key still under them) and tells their guards, quietly.
+    pub(crate) async fn shut_down(
+        &self,
+        client: &etcd_client::Client,
+        request_timeout: Duration,
+    ) -> Result<(), LockError> {
+        self.closed.store(true, Ordering::Release);
+        // No grant is under way past this point.
+        let _granting = self.granting.lock().await;
+        // Every lease, held here: dropping the current one first could drop
+        // its last reference before it is revoked.
+        let sessions = self.all();
+        lock(&self.current).take();
+        let mut failure = None;
+        for session in sessions {
+            session.revoked_on_purpose(SHUT_DOWN);
+            let lease_id = session.lease_id();
+            let leases = client.lease_client();
+            let revoked = rpc::hedged(
+                Hedge::for_timeout(request_timeout),
+                "lease revoke",
+                || {
+                    let mut leases = leases.clone();
+                    async move { leases.revoke(lease_id).await }
+                },
+                |_| {},
+            )
+            .await;
+            match revoked {
+                Ok(_) => tracing::debug!(lease_id, "lease revoked"),
+                // Already gone: its keys went with it.
+                Err(err) if rpc::lock_error_is_lease_not_found(&err) => {}
+                Err(err) => failure = Some(err),
+            }
         }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Refuses every later acquisition.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
-struct Renewal {
-    session: Weak<Session>,
-    lease_id: i64,
-    leases: LeaseClient,
-    ttl: Duration,
-    cadence: Duration,
-    margin: Duration,
-    request_timeout: Duration,
-    paused: Arc<AtomicBool>,
-    deadline: Instant,
-    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-}
-
-enum Renewed {
-    Ttl(Duration),
-    Gone,
-}
-
-impl Renewal {
-    async fn run(mut self, granted_sent: Instant, signal: LostSignal) {
-        // However this task ends (even dropped with its runtime), the
-        // session's guards are told.
-        let _guard = LostOnExit(self.session.clone());
-        let mut next = granted_sent + self.cadence;
-        let lost = signal.lost();
-        tokio::pin!(lost);
-        loop {
-            tokio::select! {
-                // Lost elsewhere, or the session was dropped (no locker, no guard).
-                _ = &mut lost => break,
-                _ = tokio::time::sleep_until(next.min(self.deadline)) => {}
-            }
-            let Some(session) = self.session.upgrade() else {
-                break;
-            };
-            let now = Instant::now();
-            if now >= self.deadline {
-                session.mark_lost("lease renewal failed until the local deadline");
-                break;
-            }
-            if self.paused.load(Ordering::Relaxed) {
-                next = now + self.cadence;
-                continue;
-            }
-            let budget = self.request_timeout.min(self.deadline - now);
-            match tokio::time::timeout(budget, self.renew_once()).await {
-                Ok(Ok(Renewed::Ttl(ttl))) => {
-                    self.deadline = now + ttl.saturating_sub(self.margin);
-                    session.extend(self.deadline);
-                    next = now + self.cadence;
-                }
-                Ok(Ok(Renewed::Gone)) => {
-                    session.mark_lost("etcd reports the lease expired or revoked");
-                    break;
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(lease_id = self.lease_id, error = %err, "lease renewal failed");
-                    self.stream = None;
-                    next = now + RETRY_INTERVAL;
-                }
-                Err(_) => {
-                    tracing::debug!(lease_id = self.lease_id, "lease renewal timed out");
-                    self.stream = None;
-                    next = now + RETRY_INTERVAL;
-                }
-            }
-        }
-        self.revoke().await;
-    }
-
-    async fn renew_once(&mut self) -> Result<Renewed, etcd_client::Error> {
-        let Some((keeper, stream)) = self.stream.as_mut() else {
-            // Opening the stream sends one keepalive and reads its answer.
-            return match self.leases.keep_alive(self.lease_id).await {
-                Ok(opened) => {
-                    self.stream = Some(opened);
-                    Ok(Renewed::Ttl(self.ttl))
-                }
-                Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(Renewed::Gone),
-                Err(err) if rpc::is_lease_not_found(&err) => Ok(Renewed::Gone),
-                Err(err) => Err(err),
-            };
-        };
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(resp) if resp.ttl() > 0 => Ok(Renewed::Ttl(Duration::from_secs(
-                u64::try_from(resp.ttl()).unwrap_or(0),
-            ))),
-            Some(_) => Ok(Renewed::Gone),
-            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                "keepalive stream closed".into(),
-            )),
-        }
-    }
-
-    /// Best effort: frees the lease's keys at once instead of at expiry.
-    async fn revoke(&mut self) {
-        self.stream = None;
-        let revoked =
-            tokio::time::timeout(self.request_timeout, self.leases.revoke(self.lease_id)).await;
-        tracing::debug!(
-            lease_id = self.lease_id,
-            ok = matches!(revoked, Ok(Ok(_))),
-            "lease revoked"
-        );
+pub(crate) fn shut_down_error() -> LockError {
+    LockError::Unavailable {
+        message: SHUT_DOWN.to_string(),
+        source: None,
     }
 }
