@@ -13,7 +13,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// The longest TTL accepted: a crashed holder keeps its names this long.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
-/// The per-request timeout used when none is given.
+/// The per-request timeout used when none is given, unless the TTL needs a
+/// shorter one (see [`EtcdLockerBuilder::request_timeout`]).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A setting of [`EtcdLockerBuilder`] that cannot work.
@@ -41,6 +42,19 @@ pub enum ConfigError {
     /// The request timeout must be above zero.
     #[error("request timeout must be above zero")]
     ZeroRequestTimeout,
+    /// The request timeout leaves no room for a retry of a lease renewal
+    /// before the local deadline: a renewal sent at the cadence may take one
+    /// request timeout and its retry another, both within
+    /// `TTL - safety margin - cadence`.
+    #[error("request timeout {request_timeout:?} leaves no room to retry a lease renewal within the TTL {ttl:?}: at most {max:?} with this TTL and renewal cadence (use a longer TTL, a shorter renewal cadence or a shorter request timeout)")]
+    RequestTimeoutTooLong {
+        /// The request timeout asked for.
+        request_timeout: Duration,
+        /// The longest that fits.
+        max: Duration,
+        /// The TTL in force.
+        ttl: Duration,
+    },
     /// The namespace must be non-empty, end with `/` and have no control characters.
     #[error("namespace {0:?} must be non-empty, end with '/' and have no control characters")]
     BadNamespace(String),
@@ -52,13 +66,14 @@ pub enum ConfigError {
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use tower_lease_lock::etcd::EtcdLocker;
+/// use tower_lease_lock::etcd::{connect_options, EtcdLocker};
 ///
-/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+/// let timeout = Duration::from_secs(2);
+/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], Some(connect_options(timeout))).await?;
 /// let locker = EtcdLocker::builder(client)
 ///     .namespace("billing/locks/")
 ///     .ttl(Duration::from_secs(15))
-///     .request_timeout(Duration::from_secs(2))
+///     .request_timeout(timeout)
 ///     .build()?;
 /// # Ok(()) }
 /// ```
@@ -69,7 +84,7 @@ pub struct EtcdLockerBuilder {
     pub(super) namespace: String,
     pub(super) ttl: Duration,
     pub(super) cadence: Option<Duration>,
-    pub(super) request_timeout: Duration,
+    pub(super) request_timeout: Option<Duration>,
     pub(super) owner: String,
 }
 
@@ -114,7 +129,7 @@ impl EtcdLockerBuilder {
             namespace: DEFAULT_NAMESPACE.to_string(),
             ttl: DEFAULT_TTL,
             cadence: None,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            request_timeout: None,
             owner: default_owner(),
         }
     }
@@ -144,10 +159,16 @@ impl EtcdLockerBuilder {
     }
 
     /// The longest any single etcd request may take before the acquisition
-    /// fails with [`LockError::Unavailable`](crate::LockError::Unavailable)
-    /// (default 5 s).
+    /// fails with [`LockError::Unavailable`](crate::LockError::Unavailable).
+    ///
+    /// A lease renewal must be able to time out once and be retried before
+    /// the lease's local deadline, so the request timeout may be at most half
+    /// of `TTL - safety margin - renewal cadence` (4.5 s for a 15 s TTL,
+    /// 0.7 s for 3 s); a longer one is a
+    /// [`ConfigError::RequestTimeoutTooLong`]. The default is
+    /// [`DEFAULT_REQUEST_TIMEOUT`] (5 s), or that limit when it is shorter.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -180,9 +201,21 @@ impl EtcdLockerBuilder {
         if cadence.is_zero() || cadence > (ttl - safety_margin(ttl)) / 2 {
             return Err(ConfigError::BadRenewalCadence { cadence, ttl });
         }
-        if self.request_timeout.is_zero() {
-            return Err(ConfigError::ZeroRequestTimeout);
-        }
+        // A renewal sent at the cadence, timing out once, and its retry must
+        // all fit before the local deadline.
+        let max_request_timeout = (ttl - safety_margin(ttl) - cadence) / 2;
+        let request_timeout = match self.request_timeout {
+            None => DEFAULT_REQUEST_TIMEOUT.min(max_request_timeout),
+            Some(timeout) if timeout.is_zero() => return Err(ConfigError::ZeroRequestTimeout),
+            Some(timeout) if timeout > max_request_timeout => {
+                return Err(ConfigError::RequestTimeoutTooLong {
+                    request_timeout: timeout,
+                    max: max_request_timeout,
+                    ttl,
+                })
+            }
+            Some(timeout) => timeout,
+        };
         let ns = &self.namespace;
         if ns.is_empty() || !ns.ends_with('/') || ns.chars().any(char::is_control) {
             return Err(ConfigError::BadNamespace(self.namespace));
@@ -191,7 +224,7 @@ impl EtcdLockerBuilder {
             namespace: self.namespace,
             ttl,
             cadence,
-            request_timeout: self.request_timeout,
+            request_timeout,
             owner: self.owner,
         };
         Ok(EtcdLocker::from_config(self.client, config))
