@@ -1,18 +1,28 @@
 //! The lock algorithm.
 //!
 //! **try** (one round trip, success or failure): one txn whose compares say
-//! "no incompatible key exists under the name" (compares over key ranges);
-//! then it puts our key, else it reads the first incompatible key, so a
-//! failure says who holds the name. Permits also count the compatible keys in
-//! the same txn; only when that count is over the limit is a second request
-//! (deleting our key) needed.
+//! "no incompatible key exists under the name, and our own key does not
+//! exist" (compares over key ranges); then it puts our key, else it reads the
+//! first incompatible key and our own, so a failure says who holds the name.
+//! Permits also count the compatible keys in the same txn; only when that
+//! count is over the limit is a second request (deleting our key) needed.
 //!
-//! **wait**: one txn puts our key and reads the name's queue. If every earlier
-//! key is compatible, we hold it. Otherwise we wait on the name's queue kept by
-//! the [`watcher`](super::watcher) until every incompatible earlier key is
-//! gone (FIFO by create revision), failing if our own key disappears first
-//! (lease expired while waiting), the lease is lost, or time runs out. Every
-//! failure deletes our key.
+//! **wait**: one txn puts our key (if it does not exist) and reads the name's
+//! queue. If every earlier key is compatible, we hold it. Otherwise we wait on
+//! the name's queue kept by the [`watcher`](super::watcher) until every
+//! incompatible earlier key is gone (FIFO by create revision), failing if our
+//! own key disappears first (lease expired while waiting), the lease is lost,
+//! the locker shuts down, or time runs out. Every failure deletes our key.
+//!
+//! A key of ours that this locker does not track (an [orphan](super::orphans))
+//! never makes us wait: it is deleted, and the attempt starts over if it was
+//! in the way of the put itself.
+//!
+//! **Cancellation**: the txn runs in a task of its own and answers through a
+//! channel the acquisition keeps. Dropped at any point, the acquisition
+//! settles what it started: a put not yet answered is cleaned up by the task
+//! when its answer comes; an answer already waiting in the channel is read
+//! and cleaned up by the drop itself; an applied put is deleted.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,20 +31,26 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
+use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tracing::Instrument;
 
 use super::keys::NameKeys;
 use super::local::Claim;
 use super::release::OwnKey;
-use super::session::Session;
-use super::{rpc, Inner};
+use super::session::{shut_down_error, Session};
+use super::{orphans, rpc, Inner};
 use crate::guard::LockInfo;
 use crate::mode::{grant, Grant};
 use crate::{trace, Holder, LockError, LockGuard, LockMode, LockName, Wait};
 
 /// How long to wait before re-subscribing after the watch broke.
 const RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(100);
+/// How many orphans one acquisition clears out of its way before giving up.
+const MAX_ORPHANS: usize = 3;
+/// The least time worth sending a txn with: less than a loopback round trip
+/// would only turn the put's outcome uncertain.
+const MIN_TXN_TIME: Duration = Duration::from_millis(5);
 
 pub(super) async fn lock(
     inner: &Arc<Inner>,
@@ -47,30 +63,41 @@ pub(super) async fn lock(
     let span = trace::acquire_span("etcd", name, mode);
     let result = async {
         // Quick failures (a member failing over) are retried, each attempt
-        // with a new key, for up to one request timeout.
+        // with a new key. Taking the lease and putting the key, all attempts
+        // together, take one request timeout at most: a try answers within
+        // it, whatever etcd does.
         let retry_until = started + inner.config.request_timeout;
+        let setup_deadline = tokio::time::Instant::from_std(retry_until);
         let mut backoff = rpc::RETRY_BACKOFF;
         let mut renewed_lease = false;
+        let mut orphans_cleared = 0;
         loop {
-            match Acquisition::start(inner, name, mode, wait, started).await {
+            if inner.sessions.is_closed() {
+                return Err(shut_down_error());
+            }
+            match Acquisition::start(inner, name, mode, wait, started, setup_deadline).await {
                 Ok(guard) => return Ok(guard),
+                Err(Failure::Orphan { key, revision }) if orphans_cleared < MAX_ORPHANS => {
+                    orphans_cleared += 1;
+                    orphans::delete(inner, &key, revision).await?;
+                }
                 // etcd dropped our lease before we noticed: start over once,
                 // with a fresh lease.
-                Err((err, Some(session)))
-                    if !renewed_lease && rpc::lock_error_is_lease_not_found(&err) =>
-                {
+                Err(Failure::LeaseNotFound(session, _)) if !renewed_lease => {
                     session.mark_lost("etcd reports the lease not found");
-                    inner.sessions.forget(&session);
+                    inner.sessions.retire(&session);
                     renewed_lease = true;
                 }
-                Err((err @ LockError::Unavailable { .. }, _))
-                    if Instant::now() + backoff < retry_until =>
+                Err(Failure::Lock(err @ LockError::Unavailable { .. }))
+                    if !rpc::lock_error_is_permanent(&err)
+                        && !inner.sessions.is_closed()
+                        && Instant::now() + backoff < retry_until =>
                 {
                     tracing::debug!(error = %err, "retrying the acquisition");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(rpc::MAX_RETRY_BACKOFF);
                 }
-                Err((err, _)) => return Err(err),
+                Err(failure) => return Err(failure.into_error(name)),
             }
         }
     }
@@ -80,46 +107,84 @@ pub(super) async fn lock(
     result
 }
 
+/// Why one attempt failed.
+enum Failure {
+    Lock(LockError),
+    /// etcd says our lease is gone.
+    LeaseNotFound(Arc<Session>, LockError),
+    /// A key of ours that nobody tracks stands in the way.
+    Orphan {
+        key: Vec<u8>,
+        revision: i64,
+    },
+}
+
+impl From<LockError> for Failure {
+    fn from(err: LockError) -> Self {
+        Self::Lock(err)
+    }
+}
+
+impl Failure {
+    fn into_error(self, name: &LockName) -> LockError {
+        match self {
+            Self::Lock(err) | Self::LeaseNotFound(_, err) => err,
+            Self::Orphan { key, .. } => LockError::Unavailable {
+                message: format!(
+                    "could not clear a stale key of ours ({}) from lock {name:?}",
+                    String::from_utf8_lossy(&key)
+                ),
+                source: None,
+            },
+        }
+    }
+}
+
 /// One attempt: our key, pending until it is held or deleted.
 struct Acquisition<'a> {
+    inner: &'a Arc<Inner>,
     name: &'a LockName,
     mode: LockMode,
     keys: NameKeys,
     started: Instant,
+    /// When taking the lease and putting the key must be done by.
+    setup_deadline: tokio::time::Instant,
     own: Option<OwnKey>,
     put: Put,
 }
 
 /// What etcd did with our put, as far as we know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Put {
     /// Not sent, or certainly not applied: nothing to clean up.
     Absent,
-    /// Sent; the task that sent it owns the cleanup until it answers.
-    InFlight,
+    /// Sent; its answer comes through this channel. Whoever reads it (the
+    /// acquisition, or its drop) cleans up; if nobody does, the request's
+    /// task does.
+    InFlight(oneshot::Receiver<Result<TxnResponse, LockError>>),
     /// Sent without an answer: it may still be applied, later than any
-    /// delete we send. The lease it carries must go: see [`Drop`].
+    /// delete we send. The lease it carries must go: see [`uncertain`].
     Uncertain,
     /// Applied: clean up with a delete.
     Applied,
 }
 
-type AttemptResult = Result<LockGuard, (LockError, Option<Arc<Session>>)>;
+type AttemptResult = Result<LockGuard, Failure>;
 
 impl<'a> Acquisition<'a> {
     async fn start(
-        inner: &Arc<Inner>,
+        inner: &'a Arc<Inner>,
         name: &'a LockName,
         mode: LockMode,
         wait: Wait,
         started: Instant,
+        setup_deadline: tokio::time::Instant,
     ) -> AttemptResult {
         let keys = NameKeys::new(&inner.config.namespace, name);
         let session = inner
             .sessions
-            .get(&inner.client, &inner.config)
-            .await
-            .map_err(|e| (e, None))?;
+            .get(&inner.client, &inner.config, setup_deadline)
+            .await?;
         let prefix: Arc<str> = Arc::from(keys.prefix());
         let is_try = wait == Wait::Try;
         let lease_id = session.lease_id();
@@ -130,7 +195,7 @@ impl<'a> Acquisition<'a> {
                 .claim(name, &prefix, mode, is_try, lease_id, make_key)
             {
                 Claim::Claimed(slot, key) => break (slot, key),
-                Claim::Refused(err) => return Err((err, None)),
+                Claim::Refused(err) => return Err(err.into()),
                 Claim::AfterRelease(released) => {
                     // Bounded once for the whole acquisition, not per release.
                     let limit = inner.config.request_timeout;
@@ -140,16 +205,18 @@ impl<'a> Acquisition<'a> {
                             message: format!("our own release of {name:?} took over {limit:?}"),
                             source: None,
                         };
-                        return Err((err, None));
+                        return Err(err.into());
                     }
                 }
             }
         };
         let mut this = Acquisition {
+            inner,
             name,
             mode,
             keys,
             started,
+            setup_deadline,
             own: Some(OwnKey {
                 inner: Arc::clone(inner),
                 prefix,
@@ -162,10 +229,15 @@ impl<'a> Acquisition<'a> {
             put: Put::Absent,
         };
         let result = match wait {
-            Wait::Try => this.try_once(inner, &session).await,
-            Wait::Timeout(timeout) => this.put_and_wait(inner, &session, timeout).await,
+            Wait::Try => this.try_once(&session).await,
+            Wait::Timeout(timeout) => this.put_and_wait(&session, timeout).await,
         };
-        result.map_err(|e| (e, Some(session)))
+        result.map_err(|failure| match failure {
+            Failure::Lock(err) if rpc::lock_error_is_lease_not_found(&err) => {
+                Failure::LeaseNotFound(session, err)
+            }
+            other => other,
+        })
     }
 
     fn own(&self) -> Result<&OwnKey, LockError> {
@@ -176,75 +248,111 @@ impl<'a> Acquisition<'a> {
     }
 
     /// The one-round-trip try.
-    async fn try_once(&mut self, inner: &Inner, session: &Session) -> Result<LockGuard, LockError> {
+    async fn try_once(&mut self, session: &Session) -> AttemptResult {
         let own = self.own()?;
+        let own_key = own.key.as_bytes().to_vec();
         let incompatible = self.keys.incompatible_ranges(self.mode);
-        let compares: Vec<Compare> = incompatible
+        let mut compares: Vec<Compare> = incompatible
             .iter()
             .map(|(start, end)| {
                 Compare::create_revision(start.clone(), CompareOp::Equal, 0).with_range(end.clone())
             })
             .collect();
-        let mut then = vec![put_op(own, &inner.config.owner, session)];
-        if let Some((start, end)) = self.keys.compatible_range(self.mode) {
-            // Counted only for permits; shared needs no count.
-            if matches!(self.mode, LockMode::Permits(_)) {
-                then.push(TxnOp::get(
-                    start,
-                    Some(GetOptions::new().with_range(end).with_count_only()),
-                ));
-            }
+        // Never adopt a key of ours that exists already (an orphan).
+        compares.push(Compare::create_revision(
+            own_key.clone(),
+            CompareOp::Equal,
+            0,
+        ));
+        let mut then = vec![put_op(own, &self.inner.config.owner, session)];
+        if let (LockMode::Permits(_), Some((start, end))) =
+            (self.mode, self.keys.compatible_range(self.mode))
+        {
+            then.push(TxnOp::get(
+                start,
+                Some(GetOptions::new().with_range(end).with_count_only()),
+            ));
         }
-        let otherwise: Vec<TxnOp> = incompatible
+        let mut otherwise: Vec<TxnOp> = incompatible
             .into_iter()
             .map(|(start, end)| TxnOp::get(start, Some(first_created().with_range(end))))
             .collect();
+        otherwise.push(TxnOp::get(
+            own_key,
+            Some(GetOptions::new().with_keys_only()),
+        ));
         let txn = Txn::new().when(compares).and_then(then).or_else(otherwise);
-        let resp = self.txn(inner, txn).await?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             self.put = Put::Absent;
             return Err(self.contended(&resp));
         }
-        let token = revision(&resp);
+        let token = token_of(&resp)?;
         if let LockMode::Permits(n) = self.mode {
-            let holders = get_responses(&resp).first().map_or(0, |g| g.count());
+            let holders = holders_of(get_responses(&resp).first().map(|g| g.count()))?;
             if holders > i64::from(n.get()) {
                 return Err(LockError::Locked {
                     name: self.name.clone(),
                     holder: None,
-                });
+                }
+                .into());
             }
         }
         self.granted(token)
     }
 
     /// The waiting acquisition.
-    async fn put_and_wait(
-        &mut self,
-        inner: &Inner,
-        session: &Session,
-        timeout: Duration,
-    ) -> Result<LockGuard, LockError> {
+    async fn put_and_wait(&mut self, session: &Session, timeout: Duration) -> AttemptResult {
         let own = self.own()?;
-        let txn = Txn::new().and_then(vec![
-            put_op(own, &inner.config.owner, session),
-            TxnOp::get(
-                self.keys.prefix(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        ]);
-        let resp = self.txn(inner, txn).await?;
-        let token = revision(&resp);
-        let mut earlier: Vec<(i64, LockMode)> = get_responses(&resp)
-            .iter()
-            .flat_map(|g| g.kvs())
-            .filter(|kv| kv.create_revision() < token)
-            .map(|kv| (kv.create_revision(), self.keys.mode_of(kv.key())))
-            .collect();
+        let own_key = own.key.as_bytes().to_vec();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                own_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![
+                put_op(own, &self.inner.config.owner, session),
+                TxnOp::get(
+                    self.keys.prefix(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            ])
+            .or_else(vec![TxnOp::get(
+                own_key.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            )]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            self.put = Put::Absent;
+            return Err(match own_key_in(&resp, &own_key) {
+                Some(revision) => Failure::Orphan {
+                    key: own_key,
+                    revision,
+                },
+                None => missing("our key (it vanished between the compare and the read)").into(),
+            });
+        }
+        let token = token_of(&resp)?;
+        let listing = get_responses(&resp)
+            .into_iter()
+            .next()
+            .ok_or_else(|| missing("the name's keys"))?;
+        let prefix = self.keys.prefix();
+        let mut earlier: Vec<(i64, LockMode)> = Vec::new();
+        for kv in listing.kvs() {
+            if orphans::is_orphan(self.inner, prefix, kv.key(), kv.lease()) {
+                orphans::delete_in_background(self.inner, kv.key(), kv.create_revision());
+                continue;
+            }
+            if kv.create_revision() < token {
+                earlier.push((kv.create_revision(), self.keys.mode_of(kv.key())));
+            }
+        }
         earlier.sort_unstable_by_key(|(rev, _)| *rev);
         match grant(self.mode, earlier.iter().map(|(_, m)| *m)) {
             Grant::Granted => return self.granted(token),
-            Grant::Mismatch(theirs) => return Err(self.mismatch(theirs)),
+            Grant::Mismatch(theirs) => return Err(self.mismatch(theirs).into()),
             Grant::Wait => {}
         }
         tracing::debug!(
@@ -256,31 +364,30 @@ impl<'a> Acquisition<'a> {
             .started
             .checked_add(timeout)
             .map(tokio::time::Instant::from_std);
-        let waiting = self.wait_in_line(inner, session, token);
+        let waiting = self.wait_in_line(session, token);
         let outcome = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, waiting).await,
             None => Ok(waiting.await),
         };
         match outcome {
             Ok(Ok(())) => self.granted(token),
-            Ok(Err(err)) => Err(err),
+            Ok(Err(err)) => Err(err.into()),
             Err(_elapsed) => Err(LockError::Timeout {
                 name: self.name.clone(),
                 waited: self.started.elapsed(),
-            }),
+            }
+            .into()),
         }
     }
 
     /// Waits until our key, created at `token`, is first in line for its mode.
-    async fn wait_in_line(
-        &self,
-        inner: &Inner,
-        session: &Session,
-        token: i64,
-    ) -> Result<(), LockError> {
+    async fn wait_in_line(&self, session: &Session, token: i64) -> Result<(), LockError> {
         let own = self.own()?;
         let lost = session.signal().lost();
         tokio::pin!(lost);
+        let mut closing = self.inner.closing.subscribe();
+        let inner = self.inner;
+        let prefix = self.keys.prefix();
         loop {
             let waited = async {
                 let subscription = inner.watcher.subscribe(&self.keys).await?;
@@ -296,7 +403,17 @@ impl<'a> Acquisition<'a> {
                                     .into(),
                             }));
                         }
-                        match grant(self.mode, queue.before(token)) {
+                        // Orphans of ours anywhere in line hold the name
+                        // against us or against those after us: clear them.
+                        for k in queue.all() {
+                            if orphans::is_orphan(inner, prefix, k.key, k.lease) {
+                                orphans::delete_in_background(inner, k.key, k.create_revision);
+                            }
+                        }
+                        let earlier = queue
+                            .before(token)
+                            .filter(|k| !orphans::is_orphan(inner, prefix, k.key, k.lease));
+                        match grant(self.mode, earlier.map(|k| k.mode)) {
                             Grant::Granted => Some(Ok(())),
                             Grant::Wait => None,
                             Grant::Mismatch(theirs) => Some(Err(self.mismatch(theirs))),
@@ -306,10 +423,11 @@ impl<'a> Acquisition<'a> {
             };
             let result = tokio::select! {
                 reason = &mut lost => Err(LockError::Lost { name: self.name.clone(), reason }),
+                _ = closing.wait_for(|closing| *closing) => Err(shut_down_error()),
                 result = waited => result,
             };
             match result {
-                Err(LockError::Unavailable { message, .. }) => {
+                Err(LockError::Unavailable { message, .. }) if !inner.sessions.is_closed() => {
                     tracing::debug!(%message, "watch unavailable; subscribing again");
                     tokio::time::sleep(RESUBSCRIBE_BACKOFF).await;
                 }
@@ -320,15 +438,28 @@ impl<'a> Acquisition<'a> {
 
     /// Sends a txn that may put our key, tracking what became of the put.
     ///
-    /// The request runs in a task of its own: if this acquisition is dropped
-    /// meanwhile (a client that went away), the task still learns the
-    /// outcome and cleans up accordingly, instead of leaving a put of unknown
-    /// outcome behind.
-    async fn txn(&mut self, inner: &Inner, txn: Txn) -> Result<TxnResponse, LockError> {
+    /// The request runs in a task of its own and answers through a channel
+    /// kept in [`Put::InFlight`]: however this acquisition ends, whoever gets
+    /// the answer (this call, the acquisition's drop, or the task when nobody
+    /// is left to read it) cleans up after it.
+    async fn txn(&mut self, txn: Txn) -> Result<TxnResponse, LockError> {
         let own = self.own()?.clone();
-        let mut kv = inner.client.kv_client();
-        let timeout = inner.config.request_timeout;
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut kv = self.inner.client.kv_client();
+        let timeout = self
+            .setup_deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(self.inner.config.request_timeout);
+        if timeout < MIN_TXN_TIME {
+            // Not sent: nothing to clean up but our claim.
+            return Err(LockError::Unavailable {
+                message: format!(
+                    "etcd did not take the lock within {:?}",
+                    self.inner.config.request_timeout
+                ),
+                source: None,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
         let request = async move {
             let result = rpc::with_timeout(timeout, "txn", async move { kv.txn(txn).await }).await;
             if let Err(result) = reply.send(result) {
@@ -336,11 +467,14 @@ impl<'a> Acquisition<'a> {
                 abandoned(own, result);
             }
         };
-        self.put = Put::InFlight;
+        self.put = Put::InFlight(answer);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(request)),
             Err(_) => request.await,
         }
+        let Put::InFlight(answer) = &mut self.put else {
+            return Err(missing("an answer"));
+        };
         let result = answer.await.unwrap_or_else(|_| {
             Err(LockError::Unavailable {
                 message: "the etcd request task stopped".into(),
@@ -356,18 +490,22 @@ impl<'a> Acquisition<'a> {
         result
     }
 
-    fn granted(&mut self, token: i64) -> Result<LockGuard, LockError> {
+    fn granted(&mut self, token: i64) -> AttemptResult {
         let own = self.own.take().ok_or_else(|| LockError::Lost {
             name: self.name.clone(),
             reason: "acquisition already finished".into(),
         })?;
         self.put = Put::Absent;
+        if self.inner.sessions.is_closed() {
+            own.delete_in_background();
+            return Err(shut_down_error().into());
+        }
         if let Some(reason) = own.session.signal().reason() {
             let name = self.name.clone();
             own.delete_in_background();
-            return Err(LockError::Lost { name, reason });
+            return Err(LockError::Lost { name, reason }.into());
         }
-        let token = u64::try_from(token).unwrap_or(0);
+        let token = u64::try_from(token).map_err(|_| missing("a valid revision"))?;
         own.inner.local.set_token(&own.prefix, own.slot, token);
         let info = LockInfo::new(self.name.clone(), self.mode, token, own.session.signal())
             .with_backend_key(Arc::clone(&own.key), Some(own.session.lease_id()))
@@ -383,21 +521,39 @@ impl<'a> Acquisition<'a> {
         }
     }
 
-    /// The error for a failed try: who holds the name, or a mode conflict.
-    fn contended(&self, resp: &TxnResponse) -> LockError {
-        let first = get_responses(resp)
-            .into_iter()
-            .flat_map(|g| g.kvs().to_vec())
+    /// The failure of a try: an orphan of ours in the way, a mode conflict,
+    /// or who holds the name.
+    fn contended(&self, resp: &TxnResponse) -> Failure {
+        let gets = get_responses(resp);
+        let Some((own, holders)) = gets.split_last() else {
+            return missing("the holder's key").into();
+        };
+        if let Some(kv) = own.kvs().first() {
+            return Failure::Orphan {
+                key: kv.key().to_vec(),
+                revision: kv.create_revision(),
+            };
+        }
+        let first = holders
+            .iter()
+            .flat_map(|g| g.kvs())
             .min_by_key(|kv| kv.create_revision());
         let Some(kv) = first else {
             return LockError::Locked {
                 name: self.name.clone(),
                 holder: None,
-            };
+            }
+            .into();
         };
+        if orphans::is_orphan(self.inner, self.keys.prefix(), kv.key(), kv.lease()) {
+            return Failure::Orphan {
+                key: kv.key().to_vec(),
+                revision: kv.create_revision(),
+            };
+        }
         let theirs = self.keys.mode_of(kv.key());
         if let Grant::Mismatch(theirs) = grant(self.mode, [theirs]) {
-            return self.mismatch(theirs);
+            return self.mismatch(theirs).into();
         }
         LockError::Locked {
             name: self.name.clone(),
@@ -408,6 +564,7 @@ impl<'a> Acquisition<'a> {
                 same_locker: false,
             }),
         }
+        .into()
     }
 }
 
@@ -416,20 +573,34 @@ impl Drop for Acquisition<'_> {
         let Some(own) = self.own.take() else {
             return;
         };
-        match self.put {
+        match std::mem::replace(&mut self.put, Put::Absent) {
             Put::Absent => own.inner.local.remove(&own.prefix, own.slot),
-            Put::InFlight => {} // the request's task cleans up
+            Put::InFlight(mut answer) => {
+                // Closed first: from here on the request's task cannot hand
+                // its answer over, so exactly one of us cleans up.
+                answer.close();
+                if let Ok(result) = answer.try_recv() {
+                    abandoned(own, result);
+                }
+            }
             Put::Applied => own.delete_in_background(),
             Put::Uncertain => uncertain(own),
         }
     }
 }
 
-/// Cleans up after a put whose acquisition was dropped before it answered.
+/// Cleans up after a put whose acquisition was dropped before it read the
+/// answer.
 fn abandoned(own: OwnKey, result: Result<TxnResponse, LockError>) {
     match result {
         Ok(resp) if resp.succeeded() => own.delete_in_background(),
-        Ok(_) => own.inner.local.remove(&own.prefix, own.slot),
+        Ok(resp) => {
+            // Not applied. If our key was in the way, it is an orphan.
+            if let Some(revision) = own_key_in(&resp, own.key.as_bytes()) {
+                orphans::delete_in_background(&own.inner, own.key.as_bytes(), revision);
+            }
+            own.inner.local.remove(&own.prefix, own.slot);
+        }
         Err(err) if rpc::certainly_not_applied(&err) => {
             own.inner.local.remove(&own.prefix, own.slot)
         }
@@ -438,12 +609,18 @@ fn abandoned(own: OwnKey, result: Result<TxnResponse, LockError>) {
 }
 
 /// A put applied after our delete would leave a key nobody holds, kept alive
-/// by our lease. So the lease is retired: new acquisitions get a fresh one,
-/// and this one is revoked (taking any such key with it) once its last guard
-/// is released.
+/// by our lease. So the lease is retired (new acquisitions get a fresh one,
+/// and this one is revoked, taking any such key with it, once its last guard
+/// is released) and the key is watched for until then.
 fn uncertain(own: OwnKey) {
     tracing::debug!(key = %own.key, "put outcome unknown; retiring the lease");
-    own.inner.sessions.forget(&own.session);
+    own.inner.sessions.retire(&own.session);
+    orphans::suspect(
+        &own.inner,
+        &own.session,
+        Arc::clone(&own.prefix),
+        Arc::clone(&own.key),
+    );
     own.delete_in_background();
 }
 
@@ -462,8 +639,40 @@ fn first_created() -> GetOptions {
         .with_keys_only()
 }
 
-fn revision(resp: &TxnResponse) -> i64 {
-    resp.header().map_or(0, |h| h.revision())
+fn missing(what: &str) -> LockError {
+    LockError::Unavailable {
+        message: format!("etcd answered without {what}"),
+        source: None,
+    }
+}
+
+/// The fencing token of a txn that put our key: its revision. A reply
+/// without one is an error, never a grant.
+fn token_of(resp: &TxnResponse) -> Result<i64, LockError> {
+    revision_token(resp.header().map(|h| h.revision()))
+}
+
+fn revision_token(revision: Option<i64>) -> Result<i64, LockError> {
+    match revision {
+        Some(revision) if revision > 0 => Ok(revision),
+        _ => Err(missing("a revision (no response header)")),
+    }
+}
+
+/// How many permit holders a txn counted. A reply without the count is an
+/// error, never "nobody".
+fn holders_of(count: Option<i64>) -> Result<i64, LockError> {
+    count.ok_or_else(|| missing("the count of holders"))
+}
+
+/// The create revision of `key` when the txn's last read found it.
+fn own_key_in(resp: &TxnResponse, key: &[u8]) -> Option<i64> {
+    get_responses(resp)
+        .last()?
+        .kvs()
+        .iter()
+        .find(|kv| kv.key() == key)
+        .map(|kv| kv.create_revision())
 }
 
 fn get_responses(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
@@ -474,4 +683,28 @@ fn get_responses(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_without_a_revision_is_an_error_not_token_zero() {
+        assert!(matches!(
+            revision_token(None),
+            Err(LockError::Unavailable { .. })
+        ));
+        assert!(revision_token(Some(0)).is_err());
+        assert_eq!(revision_token(Some(42)).ok(), Some(42));
+    }
+
+    #[test]
+    fn a_reply_without_a_count_is_an_error_not_zero_holders() {
+        assert!(matches!(
+            holders_of(None),
+            Err(LockError::Unavailable { .. })
+        ));
+        assert_eq!(holders_of(Some(0)).ok(), Some(0));
+    }
 }

@@ -19,6 +19,8 @@ use crate::{Holder, LockError, LockMode, LockName};
 #[derive(Default)]
 pub(crate) struct LocalKeys {
     names: Mutex<HashMap<Arc<str>, LocalName>>,
+    /// Woken whenever any key is removed or stops releasing.
+    changed: Notify,
 }
 
 #[derive(Default)]
@@ -126,6 +128,7 @@ impl LocalKeys {
 
     pub(crate) fn set_token(&self, prefix: &str, slot: u64, token: u64) {
         self.with_key(prefix, slot, |k| k.token = Some(token));
+        self.changed.notify_waiters();
     }
 
     /// Our key is being deleted: it no longer refuses tries, it delays them.
@@ -154,10 +157,61 @@ impl LocalKeys {
                 names.remove(prefix);
             }
         }
+        drop(names);
+        self.changed.notify_waiters();
+    }
+
+    /// The lease is gone for good: no key of it can appear or be deleted
+    /// late any more, so its retired slots are free again.
+    pub(crate) fn forget_lease(&self, lease: i64) {
+        self.names().retain(|_, ours| {
+            ours.retired.retain(|(l, _)| *l != lease);
+            !(ours.keys.is_empty() && ours.retired.is_empty())
+        });
+    }
+
+    /// `true` while `key` of the name under `prefix` is ours (claimed, held
+    /// or being released). A key of our lease that is not is an orphan.
+    pub(crate) fn is_tracked(&self, prefix: &str, key: &[u8]) -> bool {
+        self.names()
+            .get(prefix)
+            .is_some_and(|ours| ours.keys.iter().any(|k| k.key.as_bytes() == key))
     }
 
     /// How many of our keys exist (held or waiting).
     pub(crate) fn len(&self) -> usize {
         self.names().values().map(|n| n.keys.len()).sum()
+    }
+
+    /// How many slots are retired (kept from reuse after an unanswered delete).
+    pub(crate) fn retired_slots(&self) -> usize {
+        self.names().values().map(|n| n.retired.len()).sum()
+    }
+
+    /// How many keys are not settled: being acquired (no token yet) or
+    /// being released.
+    fn unsettled(&self) -> usize {
+        self.names()
+            .values()
+            .flat_map(|n| &n.keys)
+            .filter(|k| k.releasing || k.token.is_none())
+            .count()
+    }
+
+    /// Waits until every key is held or gone (no acquisition or release in
+    /// flight), or until `deadline`. Returns how many were still unsettled.
+    pub(crate) async fn settled(&self, deadline: tokio::time::Instant) -> usize {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let left = self.unsettled();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.unsettled();
+            }
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! Giving a lock back: deleting its key, now or in the background.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::rpc::{self, Hedge};
 use super::session::Session;
-use super::{rpc, Inner};
+use super::Inner;
 use crate::guard::{BoxFuture, Release};
 use crate::LockError;
 
@@ -25,24 +26,38 @@ pub(crate) struct OwnKey {
 }
 
 impl OwnKey {
-    /// One delete, retried within the request timeout. A plain delete, the
-    /// cheapest write etcd has; if an attempt went unanswered it might still
-    /// land later, on a later incarnation of this key, so the key's slot is
-    /// then never used again (see [`OwnKey::forget`]).
+    /// One delete, hedged within the request timeout. A plain delete, the
+    /// cheapest write etcd has; if more than one attempt was sent, or none
+    /// was answered, one might still land later, on a later incarnation of
+    /// this key, so the key's slot is then never used again with this lease
+    /// (see [`OwnKey::forget`]).
     async fn delete_once(&self) -> Result<(), LockError> {
-        let kv = self.inner.client.kv_client();
-        let attempts = AtomicUsize::new(0);
-        let result = rpc::idempotent(self.inner.config.request_timeout, "delete", || {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
-            async move { kv.delete(key, None).await }
-        })
-        .await
-        .map(drop);
-        if result.is_err() || attempts.load(Ordering::Relaxed) > 1 {
-            self.unanswered.store(true, Ordering::Relaxed);
+        if self.session.was_revoked() {
+            return Ok(()); // the key went with its lease
         }
-        result
+        let kv = self.inner.client.kv_client();
+        let result = rpc::hedged(
+            Hedge::for_timeout(self.inner.config.request_timeout),
+            "delete",
+            || {
+                let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
+                async move { kv.delete(key, None).await }
+            },
+            |_| {},
+        )
+        .await;
+        match result {
+            Ok((_, attempts)) => {
+                if attempts > 1 {
+                    self.unanswered.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.unanswered.store(true, Ordering::Relaxed);
+                Err(err)
+            }
+        }
     }
 
     /// Deletes the key, retrying until etcd confirms or the lease is lost
@@ -53,7 +68,7 @@ impl OwnKey {
         loop {
             match self.delete_once().await {
                 Ok(()) => break,
-                Err(err) if self.session.is_lost() => {
+                Err(err) if self.session.is_lost() || self.inner.sessions.is_closed() => {
                     tracing::debug!(key = %self.key, error = %err, "lease lost; key goes with it");
                     break;
                 }
@@ -87,14 +102,14 @@ impl OwnKey {
     /// the key with it) once nothing else holds it.
     pub(crate) fn retire_lease(self, why: &str) {
         tracing::warn!(key = %self.key, why, "retiring the lease");
-        self.inner.sessions.forget(&self.session);
+        self.inner.sessions.retire(&self.session);
         self.forget();
     }
 
     /// Drops our record of the key once it is gone. Slots are reused, so a
     /// delete that might still land must not meet a later holder of the same
     /// key: after an unanswered delete the slot is retired for this lease.
-    fn forget(&self) {
+    pub(crate) fn forget(&self) {
         if self.unanswered.load(Ordering::Relaxed) {
             let lease = self.session.lease_id();
             self.inner.local.retire(&self.prefix, self.slot, lease);
