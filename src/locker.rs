@@ -69,4 +69,20 @@ pub trait Locker: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         self.lock(name, LockMode::Exclusive, Wait::Timeout(timeout))
     }
+
+    /// Shuts the locker down for a clean exit: refuses new acquisitions
+    /// ([`LockError::Unavailable`], "locker shut down"), ends waiting ones,
+    /// waits a bounded time for releases in flight, frees whatever it still
+    /// holds in the backend, and stops its background tasks. Guards still
+    /// held are then lost (their [`lost()`](crate::LockGuard::lost) fires).
+    ///
+    /// Call it after the server stopped taking requests (for axum, after
+    /// `axum::serve(..).with_graceful_shutdown(..)` returned): releases
+    /// spawned by the last responses would otherwise be cut off when the
+    /// runtime stops, leaving the names locked until their lease expires.
+    /// Every clone shares the shut-down state. The provided method does
+    /// nothing.
+    fn shutdown(&self) -> impl Future<Output = Result<(), LockError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }

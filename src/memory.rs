@@ -37,9 +37,26 @@ pub struct MemoryLocker {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     state: Mutex<State>,
+    /// Set by [`MemoryLocker::shutdown`]; waiters watch it.
+    closing: watch::Sender<bool>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            closing: watch::channel(false).0,
+        }
+    }
+}
+
+fn shut_down() -> LockError {
+    LockError::Unavailable {
+        message: "the locker shut down".into(),
+        source: None,
+    }
 }
 
 #[derive(Default)]
@@ -153,6 +170,14 @@ impl Release for MemoryRelease {
 }
 
 impl Locker for MemoryLocker {
+    /// Refuses new acquisitions and ends waiting ones with
+    /// [`LockError::Unavailable`]. Guards already held stay valid until
+    /// released: in-process locks have nothing to free.
+    async fn shutdown(&self) -> Result<(), LockError> {
+        self.inner.closing.send_replace(true);
+        Ok(())
+    }
+
     async fn lock(
         &self,
         name: &LockName,
@@ -178,6 +203,10 @@ impl MemoryLocker {
         wait: Wait,
         started: Instant,
     ) -> Result<LockGuard, LockError> {
+        let mut closing = self.inner.closing.subscribe();
+        if *closing.borrow_and_update() {
+            return Err(shut_down());
+        }
         let mut ticket = self.enqueue(name, mode);
         let deadline = match wait {
             Wait::Try => None,
@@ -204,14 +233,22 @@ impl MemoryLocker {
                             }),
                         });
                     };
-                    let changed = ticket.changed.changed();
-                    let timed_out = match deadline {
-                        Some(at) => tokio::time::timeout_at(at.into(), changed).await.is_err(),
-                        None => {
-                            let _ = changed.await;
-                            false
+                    let changed = async {
+                        tokio::select! {
+                            _ = ticket.changed.changed() => false,
+                            _ = closing.wait_for(|closing| *closing) => true,
                         }
                     };
+                    let (timed_out, closed) = match deadline {
+                        Some(at) => match tokio::time::timeout_at(at.into(), changed).await {
+                            Ok(closed) => (false, closed),
+                            Err(_) => (true, false),
+                        },
+                        None => (false, changed.await),
+                    };
+                    if closed {
+                        return Err(shut_down());
+                    }
                     if timed_out {
                         return Err(LockError::Timeout {
                             name: name.clone(),

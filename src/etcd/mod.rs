@@ -1,16 +1,28 @@
 //! [`EtcdLocker`]: leased locks in etcd.
 //!
 //! - **One lease per locker**, shared by all its locks and renewed by one
-//!   background task ([`session`]); losing it fires every guard's
-//!   [`lost()`](crate::LockGuard::lost) before the server could grant the
-//!   lock to anyone else, and the next acquisition grants a fresh lease.
+//!   background task (`session.rs`, `renewal.rs`); losing it fires every
+//!   guard's [`lost()`](crate::LockGuard::lost) before the server could grant
+//!   the lock to anyone else, and the next acquisition grants a fresh lease.
 //! - **One key per acquisition**, in the layout of etcd's `concurrency.Mutex`
-//!   ([`keys`]): `etcdctl lock <namespace><name>` and Go's Mutex compete with
-//!   our locks, both ways.
+//!   (`keys.rs`): `etcdctl lock <namespace><name>` and Go's Mutex compete
+//!   with our locks, both ways.
 //! - **try in one round trip** and **waiting by watch** on one shared,
-//!   already-open watch stream ([`acquire`], [`watcher`]).
+//!   already-open watch stream (`acquire.rs`, `watcher/`).
 //! - **Fencing tokens**: the create revision of the lock key;
 //!   [`EtcdLocker::txn_if_held`] applies a txn only while the lock is held.
+//!
+//! **Faults.** Every request is bounded by the request timeout; requests that
+//! may be repeated are hedged, so a stalled member (paused, cut off behind a
+//! half-open connection) holds up one attempt, not the call (`rpc.rs`). A
+//! watch stream that goes quiet is found by progress requests and replaced,
+//! its waiters keeping their place (`watcher/stream.rs`). An acquisition
+//! dropped at any point cleans up after itself; keys of ours that nobody
+//! tracks (a put that landed late) are deleted (`orphans.rs`);
+//! [`EtcdLocker::shutdown`] frees everything at exit. Build the client with
+//! [`connect_options`] (or [`EtcdLocker::connect`]) so that a dead TCP path
+//! is noticed. `RELIABILITY.md` lists each fault, what the crate promises and
+//! the test that checks it.
 //!
 //! Like every lease-based lock, this is an efficiency lock: a process pause or
 //! network delay longer than the lease can let two holders overlap (Jepsen,
@@ -18,14 +30,16 @@
 
 mod acquire;
 mod config;
+mod connect;
 mod keys;
 mod local;
+mod orphans;
 mod release;
+mod renewal;
 mod rpc;
 mod session;
 mod watcher;
 
-#[cfg(feature = "test-util")]
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -35,11 +49,13 @@ pub use config::{
     ConfigError, EtcdLockerBuilder, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
     MAX_TTL, MIN_TTL,
 };
+pub use connect::connect_options;
 
 use crate::guard::LockInfo;
 use crate::{LockError, LockGuard, LockMode, LockName, Locker, Wait};
 use config::Config;
 use local::LocalKeys;
+use orphans::Orphans;
 use session::Sessions;
 use watcher::Watcher;
 
@@ -51,8 +67,7 @@ use watcher::Watcher;
 /// use std::time::Duration;
 /// use tower_lease_lock::{etcd::EtcdLocker, LockName, Locker};
 ///
-/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
-/// let locker = EtcdLocker::new(client)?;
+/// let locker = EtcdLocker::connect(["http://127.0.0.1:2379"], None).await?.build()?;
 /// let name = LockName::new("tenant-42")?;
 /// let guard = locker.acquire(&name, Duration::from_secs(5)).await?;
 /// println!("holding {} with fencing token {}", guard.name(), guard.token());
@@ -69,7 +84,34 @@ pub(crate) struct Inner {
     config: Config,
     sessions: Sessions,
     watcher: Watcher,
-    local: LocalKeys,
+    local: Arc<LocalKeys>,
+    orphans: Orphans,
+    /// Set once by [`EtcdLocker::shutdown`]; waiters watch it.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// What an [`EtcdLocker`] has in etcd and in memory right now, from
+/// [`EtcdLocker::diagnostics`]. For tests, health checks and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Diagnostics {
+    /// Keys this locker has in etcd (held or waiting), as
+    /// [`EtcdLocker::own_keys`].
+    pub own_keys: usize,
+    /// Names whose queue is watched, as [`EtcdLocker::watched_names`].
+    pub watched_names: usize,
+    /// Watches registered on the locker's watch stream at the server.
+    pub server_watches: usize,
+    /// Watch streams given up because they ended, failed or went quiet.
+    pub watch_restarts: u64,
+    /// Leases held: the current one and retired ones that guards still hold.
+    pub leases: usize,
+    /// Key slots kept from reuse after a delete that went unanswered; freed
+    /// when their lease is gone.
+    pub retired_slots: usize,
+    /// Keys whose put had an unknown outcome, checked for until their lease
+    /// is gone.
+    pub suspect_keys: usize,
 }
 
 impl EtcdLocker {
@@ -84,14 +126,18 @@ impl EtcdLocker {
     }
 
     fn from_config(client: etcd_client::Client, config: Config) -> Self {
-        let watcher = Watcher::new(client.clone(), config.request_timeout);
+        let settings = watcher::Settings::new(config.request_timeout, &config.namespace);
+        let watcher = Watcher::new(client.clone(), settings);
+        let local = Arc::new(LocalKeys::default());
         Self {
             inner: Arc::new(Inner {
                 client,
                 config,
-                sessions: Sessions::new(),
+                sessions: Sessions::new(Arc::clone(&local)),
                 watcher,
-                local: LocalKeys::default(),
+                local,
+                orphans: Orphans::default(),
+                closing: tokio::sync::watch::channel(false).0,
             }),
         }
     }
@@ -123,14 +169,68 @@ impl EtcdLocker {
         self.inner.watcher.watched_names()
     }
 
-    /// Grants the lease now instead of at the first acquisition.
-    pub async fn connect(&self) -> Result<i64, LockError> {
+    /// What this locker has in etcd and in memory right now.
+    pub fn diagnostics(&self) -> Diagnostics {
+        let inner = &self.inner;
+        let stats = inner.watcher.stats();
+        Diagnostics {
+            own_keys: inner.local.len(),
+            watched_names: inner.watcher.watched_names(),
+            server_watches: stats.server_watches.load(Ordering::Relaxed),
+            watch_restarts: stats.restarts.load(Ordering::Relaxed),
+            leases: inner.sessions.count(),
+            retired_slots: inner.local.retired_slots(),
+            suspect_keys: inner.orphans.suspects(),
+        }
+    }
+
+    /// Grants the lease now instead of at the first acquisition (to fail
+    /// fast at startup when etcd is unreachable, say). Returns its id.
+    pub async fn ensure_lease(&self) -> Result<i64, LockError> {
         let session = self
             .inner
             .sessions
-            .get(&self.inner.client, &self.inner.config)
+            .get(
+                &self.inner.client,
+                &self.inner.config,
+                tokio::time::Instant::now() + self.inner.config.request_timeout,
+            )
             .await?;
         Ok(session.lease_id())
+    }
+
+    /// Shuts the locker down for a clean exit (see [`Locker::shutdown`]):
+    /// refuses new acquisitions, ends waiting ones, waits up to one request
+    /// timeout for releases in flight, revokes every lease of the locker
+    /// (which deletes every key still under them, at once rather than at
+    /// expiry), and stops the renewal and watch tasks. Guards still held are
+    /// lost, quietly: no "lease lost" warning is logged. A second call
+    /// returns at once.
+    ///
+    /// Fails with [`LockError::Unavailable`] when a lease could not be
+    /// revoked (etcd unreachable): its keys then go when it expires, one TTL
+    /// later.
+    pub async fn shutdown(&self) -> Result<(), LockError> {
+        let inner = &self.inner;
+        if inner.closing.send_replace(true) {
+            return Ok(());
+        }
+        inner.sessions.close();
+        let deadline = tokio::time::Instant::now() + inner.config.request_timeout;
+        let unsettled = inner.local.settled(deadline).await;
+        if unsettled > 0 {
+            tracing::debug!(
+                unsettled,
+                "shutting down with acquisitions or releases in flight"
+            );
+        }
+        let revoked = inner
+            .sessions
+            .shut_down(&inner.client, inner.config.request_timeout)
+            .await;
+        inner.watcher.shut_down();
+        tracing::debug!(ok = revoked.is_ok(), "locker shut down");
+        revoked
     }
 
     /// A compare that holds while the lock of `info` is held: its key still
@@ -184,6 +284,7 @@ impl EtcdLocker {
     /// Test hook: stops (or resumes) the lease renewal, as a hung process
     /// would. The lease then runs out and every guard's `lost()` fires.
     #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn pause_renewal(&self, paused: bool) {
         self.inner
             .sessions
@@ -200,6 +301,10 @@ impl Locker for EtcdLocker {
         wait: Wait,
     ) -> impl std::future::Future<Output = Result<LockGuard, LockError>> + Send {
         acquire::lock(&self.inner, name, mode, wait)
+    }
+
+    fn shutdown(&self) -> impl std::future::Future<Output = Result<(), LockError>> + Send {
+        EtcdLocker::shutdown(self)
     }
 }
 
