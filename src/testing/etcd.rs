@@ -1,18 +1,4 @@
-//! Throwaway etcd servers for tests (feature `test-util`).
-//!
-//! [`EtcdServer::start`] runs the `etcd` binary (or `$ETCD_BIN`) on free
-//! loopback ports with a temporary data dir, waits until it answers, and kills
-//! it when dropped. [`EtcdCluster::start`] does the same for three members, for
-//! fault tests that kill, pause or restart one.
-//!
-//! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use tower_lease_lock::{etcd::EtcdLocker, testing::EtcdServer};
-//!
-//! let etcd = EtcdServer::start().await?;
-//! let locker = EtcdLocker::new(etcd.client().await?)?;
-//! # Ok(()) }
-//! ```
+//! Throwaway etcd servers: one member, or a cluster of three.
 
 use std::io;
 use std::net::TcpListener;
@@ -24,8 +10,14 @@ use std::time::{Duration, Instant};
 /// How long a fresh etcd may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The prefix of every data dir, so leftovers can be found (`pgrep -f tll-etcd-`).
+/// The prefix of every data dir, followed by `$TLL_TEST_RUN-` when that is
+/// set, so that a test run can tell its own servers from others'.
 pub const DATA_DIR_PREFIX: &str = "tll-etcd-";
+
+/// When set, each running member has a file `etcd-<pid>` in this directory
+/// (removed when it is killed), so a test runner can stop what a crashed
+/// test left behind by pid.
+const PID_DIR_VAR: &str = "TLL_TEST_PID_DIR";
 
 /// One etcd member process.
 #[derive(Debug)]
@@ -107,6 +99,12 @@ impl EtcdMember {
                     ),
                 )
             })?;
+        if let Some(dir) = std::env::var_os(PID_DIR_VAR) {
+            let _ = std::fs::write(
+                Path::new(&dir).join(format!("etcd-{}", child.id())),
+                self.data_dir.to_string_lossy().as_bytes(),
+            );
+        }
         self.child = Some(child);
         self.paused.store(false, Ordering::Relaxed);
         Ok(())
@@ -130,6 +128,9 @@ impl EtcdMember {
             }
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(dir) = std::env::var_os(PID_DIR_VAR) {
+                let _ = std::fs::remove_file(Path::new(&dir).join(format!("etcd-{}", child.id())));
+            }
         }
     }
 
@@ -147,6 +148,32 @@ impl EtcdMember {
             signal(pid, "CONT");
             self.paused.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// The value of a metric on the member's `/metrics` page (the sum over
+    /// its label sets), or `None` when the page does not have it. For
+    /// example `etcd_debugging_mvcc_watcher_total`, the watchers the member
+    /// serves right now.
+    pub async fn metric(&self, name: &str) -> io::Result<Option<f64>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.client_url.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await?;
+        let mut found = None;
+        for line in page.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = series.split('{').next().unwrap_or(series);
+            if metric == name {
+                let value: f64 = value.trim().parse().unwrap_or(0.0);
+                *found.get_or_insert(0.0) += value;
+            }
+        }
+        Ok(found)
     }
 
     /// Starts the member again on the same ports and data dir.
@@ -192,7 +219,11 @@ async fn wait_ready(endpoints: &[String]) -> io::Result<()> {
 }
 
 fn temp_dir() -> io::Result<tempfile::TempDir> {
-    tempfile::Builder::new().prefix(DATA_DIR_PREFIX).tempdir()
+    let prefix = match std::env::var("TLL_TEST_RUN") {
+        Ok(run) if !run.is_empty() => format!("{DATA_DIR_PREFIX}{run}-"),
+        _ => DATA_DIR_PREFIX.to_string(),
+    };
+    tempfile::Builder::new().prefix(&prefix).tempdir()
 }
 
 impl EtcdServer {
@@ -224,6 +255,11 @@ impl EtcdServer {
     /// The member process, to kill, pause or restart it.
     pub fn member(&mut self) -> &mut EtcdMember {
         &mut self.member
+    }
+
+    /// The member process, to pause or resume it or read its metrics.
+    pub fn member_ref(&self) -> &EtcdMember {
+        &self.member
     }
 
     /// Restarts the server and waits until it answers again.
@@ -273,11 +309,23 @@ impl EtcdCluster {
     pub fn member(&mut self, i: usize) -> Option<&mut EtcdMember> {
         self.members.get_mut(i)
     }
+
+    /// Waits until the cluster answers (after members were restarted).
+    pub async fn wait_ready(&self) -> io::Result<()> {
+        wait_ready(&self.endpoints()).await
+    }
+
+    /// Every member (to pause or resume them through a shared reference).
+    pub fn members(&self) -> &[EtcdMember] {
+        &self.members
+    }
 }
 
+/// The client every helper here hands out: [`connect_options`] for a 2 s
+/// request timeout.
+///
+/// [`connect_options`]: crate::etcd::connect_options
 async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    let options = crate::etcd::connect_options(Duration::from_secs(2));
     etcd_client::Client::connect(endpoints, Some(options)).await
 }

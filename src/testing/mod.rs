@@ -1,0 +1,28 @@
+//! Throwaway servers and network faults for tests (feature `test-util`).
+//!
+//! - [`EtcdServer::start`] runs the `etcd` binary (or `$ETCD_BIN`) on free
+//!   loopback ports with a temporary data dir, waits until it answers, and
+//!   kills it when dropped. [`EtcdCluster::start`] does the same for three
+//!   members, for fault tests that kill, pause or restart one.
+//! - [`TcpProxy`] sits between a client and one server on loopback, in
+//!   process: it passes traffic, blackholes it (accepts and holds, never
+//!   answers, never resets), or cuts its connections, to test partitions
+//!   without root or new processes.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_lease_lock::etcd::EtcdLocker;
+//! use tower_lease_lock::testing::{EtcdServer, TcpProxy};
+//!
+//! let etcd = EtcdServer::start().await?;
+//! let proxy = TcpProxy::start(&etcd.endpoints()[0]).await?;
+//! let locker = EtcdLocker::connect([proxy.endpoint()], None).await?.build()?;
+//! proxy.blackhole(); // the locker is now cut off from etcd, silently
+//! # Ok(()) }
+//! ```
+
+mod etcd;
+mod proxy;
+
+pub use etcd::{free_port, EtcdCluster, EtcdMember, EtcdServer, DATA_DIR_PREFIX};
+pub use proxy::{ProxyMode, TcpProxy};
