@@ -557,7 +557,7 @@ async fn run() -> Result<(), Error> {
     let mut raw = client(&etcd).await?;
     let a = locker(raw.clone(), "bench/", 30)?;
     let b = locker(client(&etcd).await?, "bench/", 30)?;
-    a.connect().await?;
+    a.ensure_lease().await?;
     let name = LockName::new("held")?;
     let held = b.try_acquire(&name).await?;
     let single = single_ops(&mut raw, &a, &name, 2000).await?;
@@ -631,7 +631,7 @@ async fn run() -> Result<(), Error> {
     let mut ours = Vec::new();
     for _ in 0..8 {
         let l = locker(client(&etcd).await?, "bench/", 30)?;
-        l.connect().await?;
+        l.ensure_lease().await?;
         ours.push(Contender::Ours(l, LockMode::Exclusive));
     }
     let mut contended = BTreeMap::new();
@@ -747,7 +747,7 @@ async fn run() -> Result<(), Error> {
     let bound = writes / 2.0;
     let raw_cycles = etcd_raw_per_sec(&etcd, 64, raw_secs, true).await?;
     let http_locker = locker(client(&etcd).await?, "bench-http/", 30)?;
-    http_locker.connect().await?;
+    http_locker.ensure_lease().await?;
     let plain = drive(serve(app()).await?, 64, false, secs).await?;
     let layered_app = app().route_layer(LockLayer::new(
         http_locker.clone(),
@@ -838,7 +838,7 @@ async fn run() -> Result<(), Error> {
     // 6. Scale, with every other locker gone (their leases would count too).
     drop((a, b, ours, go, http_locker));
     let scale = locker(client(&etcd).await?, "bench-scale/", 3)?;
-    scale.connect().await?;
+    scale.ensure_lease().await?;
     let guards = Arc::new(Mutex::new(Vec::with_capacity(10_000)));
     let before = live_bytes();
     {

@@ -795,7 +795,7 @@ async fn no_orphan_keys_after_requests_time_out() {
     const ATTEMPTS: usize = 8;
     let mut etcd = etcd().await;
     let l = locker_with_timeout(&etcd, 10, Duration::from_millis(500)).await;
-    let lease = l.connect().await.expect("lease granted");
+    let lease = l.ensure_lease().await.expect("lease granted");
 
     for cycle in 0..CYCLES {
         etcd.member().pause();
@@ -835,7 +835,7 @@ async fn no_orphan_keys_after_requests_time_out() {
         }
         // Puts whose outcome is unknown retire the lease they carried (a late
         // put lands on a lease that is then revoked): a new lease serves on.
-        assert!(l.connect().await.is_ok(), "the locker works again");
+        assert!(l.ensure_lease().await.is_ok(), "the locker works again");
     }
     let guard = l
         .try_acquire(&name("orphan-0-0"))
@@ -981,6 +981,34 @@ async fn builder_misuse_is_a_typed_error() {
         build(|b| b.request_timeout(Duration::ZERO)),
         Err(ConfigError::ZeroRequestTimeout)
     ));
+    // A 3 s TTL renews every second and must be renewed 0.6 s before it
+    // expires: a 2 s request could use up the whole window, with no room
+    // for a retry (issue 8.3).
+    let err = build(|b| {
+        b.ttl(Duration::from_secs(3))
+            .request_timeout(Duration::from_secs(2))
+    })
+    .unwrap_err();
+    match &err {
+        ConfigError::RequestTimeoutTooLong { max, .. } => {
+            assert_eq!(*max, Duration::from_millis(700))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("retry"), "{err}");
+    // The defaults fit any TTL: 5 s, or less where the TTL needs it.
+    for ttl in [2, 3, 5, 7, 15, 30] {
+        EtcdLocker::builder(client.clone())
+            .ttl(Duration::from_secs(ttl))
+            .build()
+            .unwrap_or_else(|e| panic!("TTL {ttl}s with the default request timeout: {e}"));
+    }
+    build(|b| {
+        b.ttl(Duration::from_secs(5))
+            .renewal_cadence(Duration::from_secs(1))
+            .request_timeout(Duration::from_millis(1500))
+    })
+    .expect("a shorter cadence leaves room for a longer request timeout");
     for bad in ["", "no-slash", "a/\n/"] {
         let result = EtcdLocker::builder(client.clone()).namespace(bad).build();
         assert!(

@@ -17,23 +17,28 @@ pub async fn etcd() -> EtcdServer {
     EtcdServer::start().await.expect("start etcd")
 }
 
-/// A locker in the test namespace on `client`.
+/// A locker in the test namespace on `client`, with the given request
+/// timeout or, for `None`, the one derived from the TTL (5 s at most).
 pub fn locker_on(
     client: etcd_client::Client,
     ttl_secs: u64,
-    request_timeout: Duration,
+    request_timeout: Option<Duration>,
 ) -> EtcdLocker {
-    EtcdLocker::builder(client)
+    let mut builder = EtcdLocker::builder(client)
         .namespace(NS)
-        .ttl(Duration::from_secs(ttl_secs))
-        .request_timeout(request_timeout)
-        .build()
-        .expect("build locker")
+        .ttl(Duration::from_secs(ttl_secs));
+    if let Some(timeout) = request_timeout {
+        builder = builder.request_timeout(timeout);
+    }
+    builder.build().expect("build locker")
 }
 
-/// A locker on its own client (its own connection, lease and watch stream).
+/// A locker on its own client (its own connection, lease and watch stream),
+/// with at most a 2 s request timeout.
 pub async fn locker(etcd: &EtcdServer, ttl_secs: u64) -> EtcdLocker {
-    locker_with_timeout(etcd, ttl_secs, Duration::from_secs(2)).await
+    let client = etcd.client().await.expect("connect");
+    let timeout = (ttl_secs >= 10).then_some(Duration::from_secs(2));
+    locker_on(client, ttl_secs, timeout)
 }
 
 /// Keys under `prefix`.
@@ -90,16 +95,17 @@ pub async fn locker_with_timeout(
     request_timeout: Duration,
 ) -> EtcdLocker {
     let client = etcd.client().await.expect("connect");
-    locker_on(client, ttl_secs, request_timeout)
+    locker_on(client, ttl_secs, Some(request_timeout))
 }
 
 /// A locker connected to `endpoint` directly (for child processes, which
 /// have no `EtcdServer` of their own).
 pub async fn locker_at(endpoint: &str, ttl_secs: u64) -> EtcdLocker {
-    let client = etcd_client::Client::connect([endpoint], None)
+    let options = tower_lease_lock::etcd::connect_options(Duration::from_secs(2));
+    let client = etcd_client::Client::connect([endpoint], Some(options))
         .await
         .expect("connect");
-    locker_on(client, ttl_secs, Duration::from_secs(2))
+    locker_on(client, ttl_secs, None)
 }
 
 /// The create revision of `key`, or `None` when it does not exist.
