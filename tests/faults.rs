@@ -1,5 +1,6 @@
 //! Fault tests on a real 3-member etcd cluster: a member killed or paused
-//! while locks are held and awaited.
+//! (SIGSTOP: its connections stay open and silent) while locks are held and
+//! awaited.
 
 mod common;
 
@@ -13,7 +14,6 @@ async fn cluster_locker(cluster: &EtcdCluster, ttl: u64) -> EtcdLocker {
     EtcdLocker::builder(cluster.client().await.expect("connect"))
         .namespace(common::NS)
         .ttl(Duration::from_secs(ttl))
-        .request_timeout(Duration::from_secs(2))
         .build()
         .expect("locker")
 }
@@ -110,6 +110,145 @@ async fn a_paused_member_does_not_hang_acquisitions() {
     }
     assert!(acquired > 0, "no acquisition succeeded with a quorum up");
     cluster.member(1).unwrap().resume();
+    common::eventually("no keys left", Duration::from_secs(10), || async {
+        keys_left(&cluster).await == Some(0)
+    })
+    .await;
+}
+
+/// A locker built the plain way (`Client::connect(endpoints, None)`: no
+/// keepalive, no timeouts), so that only the locker's own checks can notice
+/// a stalled member.
+async fn plain_locker(
+    cluster: &EtcdCluster,
+    ttl: u64,
+    request_timeout: Option<Duration>,
+) -> EtcdLocker {
+    let client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("connect");
+    let mut builder = EtcdLocker::builder(client)
+        .namespace(common::NS)
+        .ttl(Duration::from_secs(ttl));
+    if let Some(timeout) = request_timeout {
+        builder = builder.request_timeout(timeout);
+    }
+    builder.build().expect("locker")
+}
+
+/// Retries a try until it succeeds (a request may land on a member that is
+/// still electing a leader).
+async fn take(locker: &EtcdLocker, name: &LockName) -> tower_lease_lock::LockGuard {
+    let started = Instant::now();
+    loop {
+        match locker.try_acquire(name).await {
+            Ok(guard) => return guard,
+            Err(err) if started.elapsed() < Duration::from_secs(10) => {
+                eprintln!("retrying take: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("could not take {name}: {err}"),
+        }
+    }
+}
+
+/// Issue 8.2: the member that carries a waiter's watch stream stalls (it is
+/// paused: its connection stays open and silent). The waiter must be
+/// granted within one request timeout plus 2 s of the release, whichever
+/// member stalls. Each member is paused in turn; the waiter's stream is on
+/// one of them (a second waiter keeps the stream open throughout, so it
+/// moves only when it stalls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_granted_whichever_member_stalls() {
+    let cluster = EtcdCluster::start().await.expect("cluster");
+    let request_timeout = Duration::from_secs(2);
+    let holder = cluster_locker(&cluster, 10).await;
+    let waiter = plain_locker(&cluster, 10, Some(request_timeout)).await;
+
+    // Keeps the waiter's watch stream open for the whole test.
+    let pin = LockName::new("pin").unwrap();
+    let pin_guard = take(&holder, &pin).await;
+    let pinned = tokio::spawn({
+        let (waiter, pin) = (waiter.clone(), pin.clone());
+        async move { waiter.acquire(&pin, Duration::from_secs(120)).await }
+    });
+    common::eventually(
+        "the pin waiter watches",
+        Duration::from_secs(10),
+        || async { waiter.diagnostics().server_watches >= 1 },
+    )
+    .await;
+
+    for member in 0..3 {
+        let name = LockName::new(format!("stall-{member}")).unwrap();
+        let guard = take(&holder, &name).await;
+        let waiting = tokio::spawn({
+            let (waiter, name) = (waiter.clone(), name.clone());
+            async move {
+                let result = waiter.acquire(&name, Duration::from_secs(60)).await;
+                (result, Instant::now())
+            }
+        });
+        common::eventually(
+            "the waiter is in line and watching",
+            Duration::from_secs(10),
+            || async { waiter.own_keys() == 2 && waiter.diagnostics().server_watches >= 2 },
+        )
+        .await;
+        cluster.members()[member].pause();
+        guard.release().await.expect("release");
+        let released = Instant::now();
+        let (granted, at) = waiting.await.expect("waiter task");
+        let granted = granted.unwrap_or_else(|e| panic!("member {member} paused: {e}"));
+        let after = at.saturating_duration_since(released);
+        eprintln!(
+            "member {member} paused: granted {after:?} after the release ({} stream restarts so far)",
+            waiter.diagnostics().watch_restarts
+        );
+        assert!(
+            after <= request_timeout + Duration::from_secs(2),
+            "member {member} paused: the waiter was granted {after:?} after the release"
+        );
+        cluster.members()[member].resume();
+        drop(granted);
+    }
+    assert!(
+        waiter.diagnostics().watch_restarts >= 1,
+        "the stream's member was paused in one round, so the stream must have moved"
+    );
+    drop(pin_guard);
+    drop(
+        pinned
+            .await
+            .expect("pin task")
+            .expect("the pin waiter gets its lock"),
+    );
+    common::eventually("no keys left", Duration::from_secs(10), || async {
+        keys_left(&cluster).await == Some(0)
+    })
+    .await;
+}
+
+/// Issue 8.3: a keepalive stuck on a paused member must not use up the
+/// lease while a quorum is up. A 5 s TTL with the default request timeout
+/// (derived from the TTL); each member paused in turn for 1.5 TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_keepalive_does_not_use_up_the_lease() {
+    let cluster = EtcdCluster::start().await.expect("cluster");
+    let locker = plain_locker(&cluster, 5, None).await;
+    let name = LockName::new("keepalive").unwrap();
+    let guard = take(&locker, &name).await;
+    for member in 0..3 {
+        cluster.members()[member].pause();
+        let lost = tokio::time::timeout(Duration::from_millis(7500), guard.lost()).await;
+        cluster.members()[member].resume();
+        assert!(
+            lost.is_err(),
+            "the lease was lost with only member {member} paused: {lost:?}"
+        );
+    }
+    assert!(!guard.is_lost());
+    guard.release().await.ok();
     common::eventually("no keys left", Duration::from_secs(10), || async {
         keys_left(&cluster).await == Some(0)
     })
