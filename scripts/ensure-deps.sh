@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing tower-lease-lock needs, only when missing:
 # protoc (etcd-client's build script), etcd (tests, demo), etcdctl (interop
-# tests) and procps (kill, pkill). Uses apt-get (through sudo when not root); elsewhere it says what to
-# install and fails.
+# tests) and procps (kill). Uses apt-get (through sudo when not root);
+# elsewhere it says what to install and fails.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -14,8 +14,8 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
-# pkill for CI's clean-up; a kill binary for the tests that pause etcd (SIGSTOP).
-if ! command -v pkill >/dev/null 2>&1 || ! { [ -x /bin/kill ] || [ -x /usr/bin/kill ]; }; then
+# A kill binary for the tests that pause etcd (SIGSTOP) and stop processes by pid.
+if ! { [ -x /bin/kill ] || [ -x /usr/bin/kill ]; }; then
   missing+=(procps)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
