@@ -3,7 +3,7 @@
 //! - [`HeldLock`]: the lock [`LockLayer`](crate::LockLayer) took for this
 //!   request, as an extractor. Without the layer it rejects with
 //!   [`MissingLockLayer`] (500).
-//! - [`LockError`] and [`LockRejection`](crate::layer::LockRejection)
+//! - [`LockError`] and [`LockRejection`]
 //!   implement `IntoResponse` with the same statuses, bodies and
 //!   `Retry-After` as the layer, so a handler can lock by itself after its
 //!   own extractors ran:
