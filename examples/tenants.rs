@@ -4,103 +4,346 @@
 //! ```text
 //! ETCD_ENDPOINTS   comma-separated etcd URLs (unset: start a throwaway local etcd)
 //! LISTEN_ADDR      default 127.0.0.1:3000
-//! LOCK_NAMESPACE   default demo/
-//! LOCK_TTL_SECS    default the crate default (30)
+//! LOCK_NAMESPACE   default demo/ (must end with /)
+//! LOCK_TTL_SECS    lease TTL, 2 to 3600, default the crate's (30)
 //! LOCK_WAIT_MS     default 0 = try mode (423 at once); otherwise wait up to that long
 //!
-//! POST /tenants/{tenant}/increment?hold_ms=N   read, sleep N ms, write value+1 under the lock
-//! GET  /tenants/{tenant}                       read the value, no lock
+//! POST /tenants/{tenant}/increment?hold_ms=N
+//!     Under the lock: read the value, sleep N ms, write value+1. Answers two
+//!     lines of JSON (application/x-ndjson), each sent as soon as it is known:
+//!       {"tenant":"acme","locked":true,"fencing_token":7}   the lock is held
+//!       {"tenant":"acme","value":1,"fencing_token":7}       after the hold, written
+//!     so a client can act while the lock is held (see the README's quick start).
+//! GET  /tenants/{tenant}
+//!     The value, without a lock: {"tenant":"acme","value":1}
 //! ```
+//!
+//! Every setting is checked, and the listener bound, before anything starts;
+//! then the demo checks that etcd answers. A bad setting exits with status 2
+//! and `error: <VARIABLE>=<value>: <problem>` on stderr; an etcd that cannot
+//! be reached or started exits with status 1.
 //!
 //! Run two instances on different ports against one etcd and hammer one tenant:
 //! the counter never loses an update, and `etcdctl lock demo/<tenant>` competes
 //! with the service for the same lock.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
+use http_body::Frame;
 use serde_json::{json, Value};
 use tower_lease_lock::axum::HeldLock;
-use tower_lease_lock::etcd::{EtcdLocker, DEFAULT_TTL};
+use tower_lease_lock::etcd::{ConfigError, EtcdLocker, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+use tower_lease_lock::etcd_client::{Client, ConnectOptions};
 use tower_lease_lock::{Key, LockLayer};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_string())
+/// How long etcd may take to answer the startup check.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------
+
+/// Why the demo stops before serving.
+enum Failure {
+    /// A setting is wrong (exit status 2): `VARIABLE=value: problem`.
+    Setting {
+        var: &'static str,
+        value: String,
+        problem: String,
+    },
+    /// Something else failed (exit status 1).
+    Other(String),
 }
 
-fn env_u64(name: &str, default: u64) -> Result<u64, Error> {
-    let raw = env_or(name, &default.to_string());
-    raw.parse()
-        .map_err(|_| format!("{name} must be a whole number, got {raw:?}").into())
+impl Failure {
+    fn setting(var: &'static str, value: &str, problem: impl fmt::Display) -> Self {
+        Self::Setting {
+            var,
+            value: value.to_string(),
+            problem: problem.to_string(),
+        }
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Setting { .. } => ExitCode::from(2),
+            Self::Other(_) => ExitCode::FAILURE,
+        }
+    }
 }
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Setting {
+                var,
+                value,
+                problem,
+            } => write!(f, "{var}={value:?}: {problem}"),
+            Self::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The environment, checked.
+struct Settings {
+    /// `None`: start a throwaway etcd.
+    endpoints: Option<Vec<String>>,
+    listen: String,
+    namespace: String,
+    ttl: Duration,
+    wait_ms: u64,
+}
+
+/// The variable's value; `None` when unset or empty.
+fn var(name: &'static str) -> Result<Option<String>, Failure> {
+    match std::env::var(name) {
+        Ok(value) if value.is_empty() => Ok(None),
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(Failure::setting(
+            name,
+            &raw.to_string_lossy(),
+            "not valid UTF-8",
+        )),
+    }
+}
+
+fn whole_number(name: &'static str, default: u64) -> Result<u64, Failure> {
+    match var(name)? {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|_| Failure::setting(name, &raw, "not a whole number")),
+    }
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, Failure> {
+        let endpoints = match var("ETCD_ENDPOINTS")? {
+            None => None,
+            Some(list) => {
+                let endpoints: Vec<String> =
+                    list.split(',').map(|s| s.trim().to_string()).collect();
+                if endpoints.iter().any(String::is_empty) {
+                    return Err(Failure::setting(
+                        "ETCD_ENDPOINTS",
+                        &list,
+                        "an empty entry in the comma-separated list",
+                    ));
+                }
+                Some(endpoints)
+            }
+        };
+        let listen = var("LISTEN_ADDR")?.unwrap_or_else(|| "127.0.0.1:3000".to_string());
+
+        // What EtcdLockerBuilder::build checks, checked before etcd starts.
+        let namespace = var("LOCK_NAMESPACE")?.unwrap_or_else(|| "demo/".to_string());
+        if !namespace.ends_with('/') || namespace.chars().any(char::is_control) {
+            let problem = ConfigError::BadNamespace(namespace.clone());
+            return Err(Failure::setting("LOCK_NAMESPACE", &namespace, problem));
+        }
+        let ttl = Duration::from_secs(whole_number("LOCK_TTL_SECS", DEFAULT_TTL.as_secs())?);
+        let ttl_problem = if ttl < MIN_TTL {
+            Some(ConfigError::TtlTooShort(ttl))
+        } else if ttl > MAX_TTL {
+            Some(ConfigError::TtlTooLong(ttl))
+        } else {
+            None
+        };
+        if let Some(problem) = ttl_problem {
+            return Err(Failure::setting(
+                "LOCK_TTL_SECS",
+                &ttl.as_secs().to_string(),
+                problem,
+            ));
+        }
+        let wait_ms = whole_number("LOCK_WAIT_MS", 0)?;
+        Ok(Self {
+            endpoints,
+            listen,
+            namespace,
+            ttl,
+            wait_ms,
+        })
+    }
+}
+
+/// A builder's error, named by the variable it comes from.
+fn locker_setting(settings: &Settings, error: ConfigError) -> Failure {
+    match error {
+        ConfigError::BadNamespace(_) => {
+            Failure::setting("LOCK_NAMESPACE", &settings.namespace, error)
+        }
+        other => Failure::setting("LOCK_TTL_SECS", &settings.ttl.as_secs().to_string(), other),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------
 
 fn counter_key(tenant: &str) -> String {
     format!("demo-counters/{tenant}")
 }
 
-async fn read_counter(client: &mut etcd_client::Client, tenant: &str) -> Result<u64, String> {
+/// Why the counter could not be read or written. Logged in full; clients get
+/// [`CounterError::answer`], without etcd's messages.
+enum CounterError {
+    Store(tower_lease_lock::etcd_client::Error),
+    Corrupt(String),
+}
+
+impl CounterError {
+    fn answer(&self, tenant: &str) -> Response {
+        match self {
+            Self::Store(error) => {
+                tracing::warn!(%tenant, %error, "counter store unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "counter store unavailable; retry later\n",
+                )
+                    .into_response()
+            }
+            Self::Corrupt(error) => {
+                tracing::error!(%tenant, %error, "corrupt counter");
+                (StatusCode::INTERNAL_SERVER_ERROR, "corrupt counter\n").into_response()
+            }
+        }
+    }
+}
+
+async fn read_counter(client: &mut Client, tenant: &str) -> Result<u64, CounterError> {
     let resp = client
         .get(counter_key(tenant), None)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CounterError::Store)?;
     match resp.kvs().first() {
         None => Ok(0),
         Some(kv) => kv
             .value_str()
-            .map_err(|e| e.to_string())?
-            .parse()
-            .map_err(|e| format!("corrupt counter: {e}")),
+            .map_err(|e| CounterError::Corrupt(e.to_string()))?
+            .parse::<u64>()
+            .map_err(|e| CounterError::Corrupt(e.to_string())),
     }
 }
 
+/// One line of JSON.
+fn json_line(value: Value) -> Bytes {
+    Bytes::from(format!("{value}\n"))
+}
+
 async fn increment(
-    State(client): State<etcd_client::Client>,
+    State(client): State<Client>,
     Path(tenant): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     lock: HeldLock,
-) -> Result<Json<Value>, (StatusCode, String)> {
-    let hold_ms: u64 = match query.get("hold_ms") {
+) -> Response {
+    let hold_ms: u64 = match query.get("hold_ms").map(|v| v.parse()) {
         None => 0,
-        Some(v) => v.parse().map_err(|_| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!("hold_ms must be a whole number, got {v:?}"),
-            )
-        })?,
+        Some(Ok(ms)) => ms,
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "hold_ms must be a whole number\n").into_response()
+        }
     };
     let mut client = client;
-    let fail = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
-    let value = read_counter(&mut client, &tenant).await.map_err(fail)?;
-    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
-    let next = value + 1;
-    client
-        .put(counter_key(&tenant), next.to_string(), None)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    Ok(Json(
-        json!({ "tenant": tenant, "value": next, "fencing_token": lock.token() }),
-    ))
+    let value = match read_counter(&mut client, &tenant).await {
+        Ok(value) => value,
+        Err(e) => return e.answer(&tenant),
+    };
+    let token = lock.token();
+    let locked = json_line(json!({ "tenant": tenant, "locked": true, "fencing_token": token }));
+    let write = async move {
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        let next = value + 1;
+        if let Err(error) = client
+            .put(counter_key(&tenant), next.to_string(), None)
+            .await
+        {
+            tracing::warn!(%tenant, %error, "counter not written");
+            // Ends the response before its last line: the client sees a
+            // failed transfer, not a success.
+            return Err(BoxError::from("counter store unavailable"));
+        }
+        Ok(json_line(
+            json!({ "tenant": tenant, "value": next, "fencing_token": token }),
+        ))
+    };
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::new(TwoLines {
+            first: Some(locked),
+            rest: Some(Box::pin(write)),
+        }),
+    )
+        .into_response()
 }
 
-async fn show(
-    State(client): State<etcd_client::Client>,
-    Path(tenant): Path<String>,
-) -> Result<Json<Value>, (StatusCode, String)> {
-    let mut client = client;
-    let value = read_counter(&mut client, &tenant)
-        .await
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-    Ok(Json(json!({ "tenant": tenant, "value": value })))
+/// A body of two frames: `first` at once, then the line `rest` makes.
+///
+/// `rest` runs only while the body is read. `LockLayer` holds the lock until
+/// this body ends, so the write in `rest` always happens under the lock: a
+/// client that goes away drops the body, and with it the write, as the lock
+/// is released.
+struct TwoLines {
+    first: Option<Bytes>,
+    rest: Option<LineFuture>,
 }
+
+type LineFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
+
+impl http_body::Body for TwoLines {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        let Some(rest) = this.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let line = ready!(rest.as_mut().poll(cx));
+        this.rest = None;
+        Poll::Ready(Some(line.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_none()
+    }
+}
+
+async fn show(State(client): State<Client>, Path(tenant): Path<String>) -> Response {
+    let mut client = client;
+    match read_counter(&mut client, &tenant).await {
+        Ok(value) => Json(json!({ "tenant": tenant, "value": value })).into_response(),
+        Err(e) => e.answer(&tenant),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Startup
+// ---------------------------------------------------------------------------
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -123,50 +366,78 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_lease_lock=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Fails unless etcd answers a status request within [`PROBE_TIMEOUT`]:
+/// `Client::connect` alone does not notice an unreachable endpoint.
+async fn probe(client: &Client, endpoints: &[String], given: bool) -> Result<(), Failure> {
+    let at = endpoints.join(",");
+    let which = if given {
+        format!("etcd at {at} (ETCD_ENDPOINTS)")
+    } else {
+        format!("the throwaway etcd at {at}")
+    };
+    let mut client = client.clone();
+    match tokio::time::timeout(PROBE_TIMEOUT, client.status()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Failure::Other(format!("{which} does not answer: {e}"))),
+        Err(_) => Err(Failure::Other(format!(
+            "{which} did not answer within {PROBE_TIMEOUT:?}"
+        ))),
+    }
+}
 
-    // A throwaway etcd unless ETCD_ENDPOINTS names one; it is killed on exit.
+async fn run() -> Result<(), Failure> {
+    let settings = Settings::from_env()?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|e| {
+            Failure::setting(
+                "LISTEN_ADDR",
+                &settings.listen,
+                format!("cannot listen there: {e}"),
+            )
+        })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Failure::Other(format!("the listener has no address: {e}")))?;
+
+    // A throwaway etcd unless ETCD_ENDPOINTS names one; it is killed on return.
     let mut _local_etcd = None;
-    let endpoints: Vec<String> = match std::env::var("ETCD_ENDPOINTS")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
-        Some(list) => list.split(',').map(|s| s.trim().to_string()).collect(),
+    let endpoints = match &settings.endpoints {
+        Some(endpoints) => endpoints.clone(),
         None => {
-            let etcd = tower_lease_lock::testing::EtcdServer::start().await?;
+            let etcd = tower_lease_lock::testing::EtcdServer::start()
+                .await
+                .map_err(|e| Failure::Other(format!("cannot start a throwaway etcd: {e}")))?;
             println!("started a throwaway etcd at {}", etcd.endpoints().join(","));
             let endpoints = etcd.endpoints();
             _local_etcd = Some(etcd);
             endpoints
         }
     };
-    let listen = env_or("LISTEN_ADDR", "127.0.0.1:3000");
-    let namespace = env_or("LOCK_NAMESPACE", "demo/");
-    let ttl = Duration::from_secs(env_u64("LOCK_TTL_SECS", DEFAULT_TTL.as_secs())?);
-    let wait_ms = env_u64("LOCK_WAIT_MS", 0)?;
 
-    let options = etcd_client::ConnectOptions::new()
+    let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-    let client = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+    let given = settings.endpoints.is_some();
+    let client = Client::connect(&endpoints, Some(options))
+        .await
+        .map_err(|e| match given {
+            true => Failure::setting("ETCD_ENDPOINTS", &endpoints.join(","), e),
+            false => Failure::Other(format!("cannot connect to the throwaway etcd: {e}")),
+        })?;
+    probe(&client, &endpoints, given).await?;
     let locker = EtcdLocker::builder(client.clone())
-        .namespace(namespace.clone())
-        .ttl(ttl)
+        .namespace(settings.namespace.clone())
+        .ttl(settings.ttl)
         .request_timeout(Duration::from_secs(2))
-        .build()?;
+        .build()
+        .map_err(|e| locker_setting(&settings, e))?;
 
-    let mut layer = LockLayer::new(locker, Key::path_param("tenant")?);
-    if wait_ms > 0 {
-        layer = layer.wait(Duration::from_millis(wait_ms));
+    let key = Key::path_param("tenant").map_err(|e| Failure::Other(e.to_string()))?;
+    let mut layer = LockLayer::new(locker, key);
+    if settings.wait_ms > 0 {
+        layer = layer.wait(Duration::from_millis(settings.wait_ms));
     }
     let app = Router::new()
         .route("/tenants/{tenant}/increment", post(increment))
@@ -174,19 +445,37 @@ async fn main() -> Result<(), Error> {
         .route("/tenants/{tenant}", get(show))
         .with_state(client);
 
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!(
-        "listening on {} (etcd {}, lock namespace {namespace:?}, ttl {ttl:?}, {})",
-        listener.local_addr()?,
+        "listening on {local_addr} (etcd {}, lock namespace {:?}, ttl {:?}, {})",
         endpoints.join(","),
-        if wait_ms == 0 {
+        settings.namespace,
+        settings.ttl,
+        if settings.wait_ms == 0 {
             "try mode".to_string()
         } else {
-            format!("wait up to {wait_ms} ms")
+            format!("wait up to {} ms", settings.wait_ms)
         }
     );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    Ok(())
+        .await
+        .map_err(|e| Failure::Other(format!("serving failed: {e}")))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_lease_lock=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            failure.exit_code()
+        }
+    }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing tower-lease-lock needs, only when missing:
 # protoc (etcd-client's build script), etcd (tests, demo), etcdctl (interop
-# tests) and procps (kill). Uses apt-get (through sudo when not root);
-# elsewhere it says what to install and fails.
+# tests), procps (kill), curl (the README's quick start, run by a test) and
+# python3 (scripts/check-msrv, CI). Uses apt-get (through sudo when not
+# root); elsewhere it says what to install and fails.
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -14,6 +15,8 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # A kill binary for the tests that pause etcd (SIGSTOP) and stop processes by pid.
 if ! { [ -x /bin/kill ] || [ -x /usr/bin/kill ]; }; then
   missing+=(procps)
@@ -22,7 +25,7 @@ fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "error: missing ${missing[*]} (Debian package names)." >&2
-  echo "Install protoc (protobuf compiler), etcd 3.4+ and etcdctl with your package manager, then retry." >&2
+  echo "Install protoc (protobuf compiler), etcd 3.4+, etcdctl, curl and python3 with your package manager, then retry." >&2
   exit 1
 fi
 sudo=""

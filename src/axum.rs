@@ -3,10 +3,14 @@
 //! - [`HeldLock`]: the lock [`LockLayer`](crate::LockLayer) took for this
 //!   request, as an extractor. Without the layer it rejects with
 //!   [`MissingLockLayer`] (500).
-//! - [`LockError`] and [`LockRejection`](crate::layer::LockRejection)
-//!   implement `IntoResponse` with the same statuses, bodies and
-//!   `Retry-After` as the layer, so a handler can lock by itself after its
-//!   own extractors ran:
+//! - [`LockResponder`] as an extractor: how the route's layer answers, so
+//!   that a handler reporting a [`LockError`] of its own answers the same
+//!   way (format, `Retry-After`, custom handler):
+//!   `Err(responder.reject(err))`, a [`LockRejection`], which implements
+//!   `IntoResponse`.
+//! - [`LockError`] implements `IntoResponse` with the layer's default
+//!   statuses, bodies and `Retry-After: 1`, so a handler on a route without
+//!   the layer can lock by itself after its own extractors ran:
 //!
 //! ```
 //! use axum::{extract::{Path, State}, routing::post, Router};
@@ -28,19 +32,16 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::ops::Deref;
-use std::time::Duration;
 
+use ::axum::body::Body;
 use ::axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use ::axum::response::{IntoResponse, Response};
 
 use http::request::Parts;
 use http::StatusCode;
 
-use crate::layer::{body_text_of, plain_response, status_of, LockRejection};
+use crate::layer::{text_response, LockRejection, LockResponder};
 use crate::{LockError, LockInfo};
-
-/// The `Retry-After` of a [`LockError`] answered from a handler.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The lock held for this request by [`LockLayer`](crate::LockLayer): name,
 /// mode, fencing token and lost signal. Derefs to [`LockInfo`].
@@ -120,26 +121,47 @@ impl std::error::Error for MissingLockLayer {}
 
 impl IntoResponse for MissingLockLayer {
     fn into_response(self) -> Response {
-        plain_response(self.status(), self.body_text(), None).map(::axum::body::Body::from)
+        text_response(self.status(), &self.body_text()).map(Body::new)
     }
 }
 
 impl IntoResponse for LockError {
     /// 423 (locked, timeout), 400 (invalid name), 503 (unavailable, lost), or
-    /// 500 (mode conflict), with `Retry-After: 1` on 423 and 503.
+    /// 500 (mode conflict), in plain text, with `Retry-After: 1` on 423 and
+    /// 503: the default answers of the layer. On a route with a
+    /// [`LockLayer`](crate::LockLayer), answer through its
+    /// [`LockResponder`] instead, to follow its settings.
     fn into_response(self) -> Response {
-        let status = status_of(&self);
-        if status.is_server_error() {
-            tracing::warn!(error = %self, "lock error answered with {status}");
-        }
-        let retry = matches!(status, StatusCode::LOCKED | StatusCode::SERVICE_UNAVAILABLE);
-        plain_response(status, body_text_of(&self), retry.then_some(RETRY_AFTER))
-            .map(::axum::body::Body::from)
+        LockRejection::from(self).into_response()
     }
 }
 
 impl IntoResponse for LockRejection {
+    /// The route's answer: [`LockRejection::response`].
     fn into_response(self) -> Response {
-        self.to_response(RETRY_AFTER).map(::axum::body::Body::from)
+        let status = self.status();
+        if status.is_server_error() {
+            match self.lock_error() {
+                Some(error) => {
+                    tracing::warn!(error = %error.summary(), "lock error answered with {status}")
+                }
+                None => tracing::warn!(error = %self, "lock error answered with {status}"),
+            }
+        }
+        self.response().map(Body::new)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for LockResponder {
+    type Rejection = Infallible;
+
+    /// The responder of the route's [`LockLayer`](crate::LockLayer), or the
+    /// default one (plain text, `Retry-After: 1`) without a layer.
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<LockResponder>()
+            .cloned()
+            .unwrap_or_default())
     }
 }

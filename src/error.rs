@@ -119,6 +119,41 @@ impl LockError {
         matches!(self, Self::Locked { .. } | Self::Timeout { .. })
     }
 
+    /// The name the error is about, when it is about one.
+    pub fn name(&self) -> Option<&LockName> {
+        match self {
+            Self::Locked { name, .. }
+            | Self::Timeout { name, .. }
+            | Self::Lost { name, .. }
+            | Self::ModeConflict { name, .. } => Some(name),
+            Self::InvalidName(_) | Self::Unavailable { .. } => None,
+        }
+    }
+
+    /// The error's message for a one-line log: its `Display`, without the
+    /// text of its source when the message ends with it (backends often
+    /// write `"etcd txn failed: {source}"`, and a gRPC error's text runs
+    /// long). The source itself stays available through
+    /// [`std::error::Error::source`].
+    pub(crate) fn summary(&self) -> String {
+        let full = self.to_string();
+        let Some(source) = StdError::source(self) else {
+            return full;
+        };
+        let source = source.to_string();
+        match full.strip_suffix(source.as_str()) {
+            Some(head) if !source.is_empty() => {
+                let head = head.trim_end_matches([' ', ':']);
+                if head.is_empty() {
+                    full
+                } else {
+                    head.to_string()
+                }
+            }
+            _ => full,
+        }
+    }
+
     /// A short label for logs and metrics: `locked`, `timeout`, `invalid_name`,
     /// `unavailable`, `lost` or `mode_conflict`.
     pub fn kind(&self) -> &'static str {
@@ -130,5 +165,28 @@ impl LockError {
             Self::Lost { .. } => "lost",
             Self::ModeConflict { .. } => "mode_conflict",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_leaves_out_the_source_text() {
+        let source = std::io::Error::other("status: Unavailable, message: \"tcp connect error\"");
+        let err = LockError::unavailable(format!("etcd txn failed: {source}"), source);
+        assert_eq!(err.summary(), "lock backend unavailable: etcd txn failed");
+        // A message that does not end with its source's text stays whole.
+        let err = LockError::unavailable("etcd txn failed", std::io::Error::other("refused"));
+        assert_eq!(err.summary(), "lock backend unavailable: etcd txn failed");
+        let err = LockError::Unavailable {
+            message: "etcd txn did not answer within 2s".into(),
+            source: None,
+        };
+        assert_eq!(
+            err.summary(),
+            "lock backend unavailable: etcd txn did not answer within 2s"
+        );
     }
 }

@@ -1,5 +1,5 @@
 #![doc = include_str!("../README.md")]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms)]
 
@@ -20,6 +20,15 @@ pub mod layer;
 
 #[cfg(feature = "test-util")]
 pub mod testing;
+
+/// The etcd client this crate is built on, re-exported: its types are part of
+/// this crate's API ([`Client`](etcd_client::Client) builds an
+/// [`EtcdLocker`](etcd::EtcdLocker); [`Compare`](etcd_client::Compare),
+/// [`TxnOp`](etcd_client::TxnOp) and [`TxnResponse`](etcd_client::TxnResponse)
+/// make fenced writes). Use it rather than a direct dependency on
+/// `etcd-client`, so that the versions always match.
+#[cfg(feature = "etcd")]
+pub use etcd_client;
 
 pub use error::{BoxError, Holder, LockError};
 pub use guard::{BoxFuture, LockGuard, LockInfo, Release};

@@ -21,10 +21,13 @@ pub(crate) fn acquire_span(backend: &'static str, name: &LockName, mode: LockMod
     )
 }
 
-/// Records how an acquisition ended on the current span, and logs it.
+/// Records how an acquisition ended on the current span, and logs it at
+/// DEBUG: the caller gets the error and decides what it is worth (the Tower
+/// layer logs one WARN per request that fails for something else than
+/// contention).
 pub(crate) fn record_outcome(result: &Result<LockGuard, LockError>, waited: Duration) {
     let span = Span::current();
-    let wait_ms = waited.as_secs_f64() * 1e3;
+    let wait_ms = millis(waited);
     span.record("lock.wait_ms", wait_ms);
     match result {
         Ok(guard) => {
@@ -37,8 +40,64 @@ pub(crate) fn record_outcome(result: &Result<LockGuard, LockError>, waited: Dura
             if err.is_contended() {
                 tracing::debug!(error = %err, wait_ms, "lock contended");
             } else {
-                tracing::warn!(error = %err, wait_ms, "lock acquisition failed");
+                tracing::debug!(
+                    error = err as &(dyn std::error::Error + 'static),
+                    wait_ms,
+                    "lock acquisition failed"
+                );
             }
         }
+    }
+}
+
+/// A duration in milliseconds for a log field, to the microsecond: `0.3`,
+/// not `0.30000000000000004`.
+pub(crate) fn millis(duration: Duration) -> f64 {
+    // Whole microseconds are exact in an f64 (up to 2^53 µs, 285 years), and
+    // one correctly rounded division prints as the shortest decimal.
+    let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+    micros as f64 / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::Layer;
+
+    #[test]
+    fn millis_print_without_float_noise() {
+        assert_eq!(millis(Duration::from_micros(300)).to_string(), "0.3");
+        assert_eq!(millis(Duration::from_nanos(300_999)).to_string(), "0.3");
+        assert_eq!(millis(Duration::from_millis(900)).to_string(), "900");
+        assert_eq!(
+            millis(Duration::from_micros(1_234_567)).to_string(),
+            "1234.567"
+        );
+        assert_eq!(millis(Duration::ZERO).to_string(), "0");
+    }
+
+    /// Collects the level of every event.
+    struct Levels(Arc<Mutex<Vec<Level>>>);
+
+    impl<S: Subscriber> Layer<S> for Levels {
+        fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+            self.0.lock().unwrap().push(*event.metadata().level());
+        }
+    }
+
+    /// A failed acquisition is the caller's to report: the backend's span
+    /// logs it at DEBUG only, so that the layer's WARN is the only one.
+    #[test]
+    fn failures_are_logged_at_debug() {
+        let levels = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Levels(Arc::clone(&levels)));
+        tracing::subscriber::with_default(subscriber, || {
+            let err = LockError::unavailable("etcd txn failed", std::io::Error::other("refused"));
+            record_outcome(&Err(err), Duration::from_millis(3));
+        });
+        assert_eq!(*levels.lock().unwrap(), vec![Level::DEBUG]);
     }
 }

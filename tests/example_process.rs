@@ -2,7 +2,10 @@
 //! on one etcd serialize increments of one tenant over real HTTP (no lost
 //! update, distinct and growing fencing tokens), `etcdctl lock` competes with
 //! them for the same lock, a try-mode instance answers 423 for a held tenant,
-//! and SIGTERM leaves no lock key behind.
+//! and SIGTERM leaves no lock key behind. The README's quick start, run as
+//! written, always gets its 423; bad settings and an unreachable etcd stop
+//! the demo at once with a message naming the variable; an etcd outage
+//! answers a plain 503 without etcd's messages.
 
 mod common;
 
@@ -127,14 +130,33 @@ struct Answer {
     status: u16,
     headers: http::HeaderMap,
     body: String,
-    /// When the response head arrived.
+    /// When the whole body had arrived (the lock is released at its end).
     at: Instant,
 }
 
 impl Answer {
+    /// The last line of the body as JSON: the whole body of a GET, the
+    /// result line of an increment.
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        let last = self.body.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// An increment's two lines: locked, then the result, with one token.
+    fn increment_lines(&self) -> (Value, Value) {
+        let lines: Vec<Value> = self
+            .body
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+            })
+            .collect();
+        let [locked, result] = <[Value; 2]>::try_from(lines)
+            .unwrap_or_else(|lines| panic!("not two lines: {lines:?}"));
+        assert_eq!(locked["locked"], true, "{locked}");
+        assert_eq!(locked["tenant"], result["tenant"]);
+        assert_eq!(locked["fencing_token"], result["fencing_token"]);
+        (locked, result)
     }
 }
 
@@ -148,9 +170,9 @@ async fn send(client: &HttpClient, method: http::Method, url: &str) -> Answer {
         .await
         .unwrap_or_else(|_| panic!("no answer from {url} within 20 s"))
         .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let at = Instant::now();
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
+    let at = Instant::now();
     Answer {
         status: parts.status.as_u16(),
         headers: parts.headers,
@@ -210,7 +232,14 @@ async fn two_instances_serialize_one_tenant() {
     for request in requests {
         let answer = request.await.expect("request task");
         assert_eq!(answer.status, 200, "{}", answer.body);
-        let json = answer.json();
+        assert_eq!(
+            answer
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap()),
+            Some("application/x-ndjson")
+        );
+        let (_, json) = answer.increment_lines();
         assert_eq!(json["tenant"], "acme", "{json}");
         let value = json["value"].as_u64().expect("numeric value");
         let token = json["fencing_token"].as_u64().expect("numeric token");
@@ -314,4 +343,222 @@ async fn two_instances_serialize_one_tenant() {
         );
     }
     assert_no_keys_left_under(&etcd, NAMESPACE).await;
+}
+
+// ---------------------------------------------------------------------------
+// The README's quick start, as written
+// ---------------------------------------------------------------------------
+
+/// The shell block after "Then, in another terminal:" in the README.
+fn readme_quick_start() -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let after = readme
+        .split_once("Then, in another terminal:")
+        .expect("the quick start in README.md")
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a sh block after \"Then, in another terminal:\"")
+        .0;
+    block.to_string()
+}
+
+/// The quick start's second request is sent only once the first holds the
+/// lock (its first line), so it gets 423 every time, and the last read sees
+/// the increment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_quick_start_is_deterministic() {
+    const ROUNDS: usize = 3;
+
+    let binary = example_binary();
+    let etcd = etcd().await;
+    let instance = start_instance(&binary, "the demo", &etcd, 0).await;
+    let address = instance.base.trim_start_matches("http://").to_string();
+    let script = readme_quick_start();
+    assert!(script.contains("localhost:3000/tenants/acme"), "{script}");
+
+    for round in 0..ROUNDS {
+        let tenant = format!("acme{round}");
+        let script = script
+            .replace("localhost:3000", &address)
+            .replace("/tenants/acme", &format!("/tenants/{tenant}"));
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &script])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the quick start ends within 30 s")
+        .expect("run bash (and curl)");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "round {round}: {}\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        let locked: Value = serde_json::from_str(lines[0]).expect("the first line is JSON");
+        assert_eq!(locked["locked"], true, "round {round}: {stdout}");
+        assert_eq!(
+            lines[1].trim_end(),
+            "HTTP/1.1 423 Locked",
+            "round {round}: {stdout}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_end().eq_ignore_ascii_case("retry-after: 1")),
+            "round {round}: {stdout}"
+        );
+        let result: Value =
+            serde_json::from_str(lines[lines.len() - 2]).expect("the result line is JSON");
+        assert_eq!(result["value"], 1, "round {round}: {stdout}");
+        assert_eq!(result["fencing_token"], locked["fencing_token"]);
+        let read: Value = serde_json::from_str(lines[lines.len() - 1]).expect("the read is JSON");
+        assert_eq!(read, serde_json::json!({ "tenant": tenant, "value": 1 }));
+    }
+    drop(instance);
+    assert_no_keys_left_under(&etcd, NAMESPACE).await;
+}
+
+// ---------------------------------------------------------------------------
+// Startup failures: a message naming the variable, at once
+// ---------------------------------------------------------------------------
+
+/// What a demo run that is expected to stop by itself printed.
+struct Exit {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs the demo with `env` (and none of the demo's variables from the
+/// test's own environment) until it exits; panics after `limit`.
+async fn run_demo(binary: &Path, env: &[(&str, &str)], limit: Duration) -> Exit {
+    let mut command = tokio::process::Command::new(binary);
+    for var in [
+        "ETCD_ENDPOINTS",
+        "LISTEN_ADDR",
+        "LOCK_NAMESPACE",
+        "LOCK_TTL_SECS",
+        "LOCK_WAIT_MS",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let output = tokio::time::timeout(limit, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("the demo with {env:?} still runs after {limit:?}"))
+        .expect("run the demo");
+    Exit {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+#[tokio::test]
+async fn bad_settings_exit_2_before_starting_etcd() {
+    let binary = example_binary();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let taken_addr = taken.local_addr().expect("address").to_string();
+    let free_addr = format!("127.0.0.1:{}", free_port().expect("free port"));
+    // (variable, value, what the message says)
+    let cases = [
+        ("LOCK_TTL_SECS", "1", "shorter than etcd's minimum of 2s"),
+        ("LOCK_TTL_SECS", "soon", "not a whole number"),
+        ("LOCK_WAIT_MS", "-5", "not a whole number"),
+        ("LOCK_NAMESPACE", "demo", "end with '/'"),
+        ("LISTEN_ADDR", "nonsense", "cannot listen there"),
+        ("LISTEN_ADDR", taken_addr.as_str(), "in use"),
+    ];
+    for (var, value, says) in cases {
+        // LISTEN_ADDR on a free port unless the case sets it: no clash with 3000.
+        let mut env = vec![(var, value)];
+        if var != "LISTEN_ADDR" {
+            env.push(("LISTEN_ADDR", &free_addr));
+        }
+        let exit = run_demo(&binary, &env, Duration::from_secs(20)).await;
+        assert_eq!(exit.code, Some(2), "{env:?}: {}", exit.stderr);
+        let first = exit.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(&format!("error: {var}={value:?}: ")),
+            "{env:?}: {first}"
+        );
+        assert!(first.contains(says), "{env:?}: {first}");
+        assert_eq!(exit.stderr.lines().count(), 1, "{env:?}: {}", exit.stderr);
+        assert!(
+            !exit.stdout.contains("throwaway etcd"),
+            "{env:?}: etcd started before the settings were checked: {}",
+            exit.stdout
+        );
+        assert!(
+            exit.took < Duration::from_secs(5),
+            "{env:?}: took {:?}",
+            exit.took
+        );
+    }
+    drop(taken);
+}
+
+#[tokio::test]
+async fn unreachable_etcd_exits_at_startup() {
+    let binary = example_binary();
+    let listen = format!("127.0.0.1:{}", free_port().expect("free port"));
+    let exit = run_demo(
+        &binary,
+        &[
+            ("ETCD_ENDPOINTS", "http://127.0.0.1:1"),
+            ("LISTEN_ADDR", &listen),
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.stderr
+            .starts_with("error: etcd at http://127.0.0.1:1 (ETCD_ENDPOINTS)"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stdout.contains("listening"), "{}", exit.stdout);
+    assert!(exit.took < Duration::from_secs(8), "took {:?}", exit.took);
+}
+
+// ---------------------------------------------------------------------------
+// An etcd outage: plain 503s, etcd's messages only in the log
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_answers_without_internals() {
+    let binary = example_binary();
+    let mut etcd = etcd().await;
+    let instance = start_instance(&binary, "the demo", &etcd, 0).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(counter(&client, &instance).await, 0);
+
+    etcd.member().kill();
+    let read = send(
+        &client,
+        http::Method::GET,
+        &format!("{}/tenants/acme", instance.base),
+    )
+    .await;
+    assert_eq!(read.status, 503, "{}", read.body);
+    assert_eq!(read.body, "counter store unavailable; retry later\n");
+    let write = increment(&client, &instance, 0).await;
+    assert_eq!(write.status, 503, "{}", write.body);
+    assert_eq!(write.body, "lock service unavailable; retry later\n");
 }

@@ -601,7 +601,7 @@ async fn expect_unavailable(app: &Router, uri: &str) {
         answer.body
     );
     assert_eq!(answer.header(header::RETRY_AFTER), Some("1"));
-    assert_eq!(answer.body, "lock service unavailable; retry later");
+    assert_eq!(answer.body, "lock service unavailable; retry later\n");
     assert!(
         elapsed < Duration::from_secs(5),
         "503 took {elapsed:?} (request timeout 1 s)"
@@ -941,7 +941,7 @@ async fn held_lock_token_matches_etcd() {
 
     let unlocked = read(call(&app, Method::GET, "/unlocked").await).await;
     assert_eq!(unlocked.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(unlocked.body, "LockLayer is not installed on this route");
+    assert_eq!(unlocked.body, "LockLayer is not installed on this route\n");
     let maybe = read(call(&app, Method::GET, "/maybe").await).await;
     assert_eq!(maybe.status, StatusCode::OK);
     assert_eq!(maybe.body, "None");
@@ -989,7 +989,7 @@ async fn lock_error_into_response() {
     assert_eq!(by_handler.body, by_layer.body);
     assert_eq!(
         by_handler.body,
-        "lock \"acme\" is held by another request; retry later"
+        "lock \"acme\" is held by another request; retry later\n"
     );
 
     // An invalid name answers 400, as an invalid key does under the layer.
@@ -1037,7 +1037,7 @@ async fn path_param_under_layer_is_500() {
             answer.body
         );
         assert_eq!(
-            answer.body, "lock key cannot be derived on this route",
+            answer.body, "lock key cannot be derived on this route\n",
             "{what}"
         );
         assert!(answer.header(header::RETRY_AFTER).is_none(), "{what}");
@@ -1090,7 +1090,8 @@ async fn path_param_under_layer_is_500() {
 // 12. A rejection handler replaces the layer's answers
 // ---------------------------------------------------------------------------
 
-fn json_rejection(rejection: &tower_lease_lock::layer::LockRejection) -> http::Response<Bytes> {
+/// A plain `http::Response<String>`: no axum types needed.
+fn json_rejection(rejection: &tower_lease_lock::layer::LockRejection) -> http::Response<String> {
     let status = match rejection.status() {
         StatusCode::LOCKED => StatusCode::TOO_MANY_REQUESTS,
         other => other,
@@ -1103,7 +1104,7 @@ fn json_rejection(rejection: &tower_lease_lock::layer::LockRejection) -> http::R
     http::Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Bytes::from(body.to_string()))
+        .body(body.to_string())
         .expect("response")
 }
 
@@ -1198,7 +1199,7 @@ async fn lost_lock_while_the_handler_runs() {
                     "{}",
                     answer.body
                 );
-                assert_eq!(answer.body, "lock \"acme\" was lost; retry later");
+                assert_eq!(answer.body, "lock \"acme\" was lost; retry later\n");
                 assert_eq!(answer.header(header::RETRY_AFTER), Some("1"));
                 assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
             }

@@ -18,7 +18,7 @@ use super::body::{HeldLock, LockedBody};
 use super::layer::{OnLost, Settings};
 use super::LockRejection;
 use crate::guard::BoxFuture;
-use crate::{LockError, LockGuard};
+use crate::{trace, LockError, LockGuard, LockName};
 
 pin_project! {
     /// The response future of [`LockService`](super::LockService).
@@ -32,6 +32,7 @@ pin_project! {
         request: Option<Request<ReqB>>,
         settings: Arc<Settings>,
         span: Span,
+        name: Option<LockName>,
         started: Instant,
     }
 }
@@ -45,7 +46,8 @@ pin_project! {
         Calling {
             #[pin]
             future: F,
-            guard: Option<LockGuard>,
+            // With the instant the acquisition finished, for `held_ms`.
+            guard: Option<(LockGuard, Instant)>,
             lost: Option<BoxFuture<String>>,
         },
         Rejected {
@@ -60,6 +62,7 @@ where
 {
     pub(crate) fn acquiring(
         acquire: BoxFuture<Result<LockGuard, LockError>>,
+        name: LockName,
         request: Request<ReqB>,
         service: S,
         settings: Arc<Settings>,
@@ -71,6 +74,7 @@ where
             request: Some(request),
             settings,
             span,
+            name: Some(name),
             started: Instant::now(),
         }
     }
@@ -86,6 +90,7 @@ where
             request: None,
             settings,
             span: Span::none(),
+            name: None,
             started: Instant::now(),
         }
     }
@@ -99,6 +104,7 @@ where
             request: None,
             settings,
             span: Span::none(),
+            name: None,
             started: Instant::now(),
         }
     }
@@ -118,19 +124,18 @@ where
             match this.state.as_mut().project() {
                 StateProj::Acquiring { acquire } => {
                     let acquired = ready!(acquire.as_mut().poll(cx));
-                    let wait_ms = this.started.elapsed().as_secs_f64() * 1e3;
+                    let acquired_at = Instant::now();
+                    let wait_ms = trace::millis(acquired_at - *this.started);
                     this.span.record("lock.wait_ms", wait_ms);
                     let guard = match acquired {
                         Ok(guard) => guard,
                         Err(err) => {
                             this.span.record("lock.outcome", err.kind());
-                            if err.is_contended() {
-                                tracing::debug!(error = %err, "lock contended");
-                            } else {
-                                tracing::warn!(error = %err, "lock not acquired");
-                            }
-                            let rejection = Some(LockRejection::Lock(err));
-                            this.state.set(State::Rejected { rejection });
+                            log_failure(this.name.as_ref(), &err, wait_ms);
+                            let rejection = this.settings.responder.reject(err);
+                            this.state.set(State::Rejected {
+                                rejection: Some(rejection),
+                            });
                             continue;
                         }
                     };
@@ -148,7 +153,7 @@ where
                     let future = service.call(request);
                     this.state.set(State::Calling {
                         future,
-                        guard: Some(guard),
+                        guard: Some((guard, acquired_at)),
                         lost,
                     });
                 }
@@ -158,11 +163,22 @@ where
                     lost,
                 } => {
                     if let Some(Poll::Ready(reason)) = lost.as_mut().map(|l| l.as_mut().poll(cx)) {
-                        tracing::warn!(%reason, "lock lost before the handler answered; failing the request");
-                        let name = guard.as_ref().map(|g| g.name().clone());
-                        let rejection =
-                            name.map(|name| LockRejection::Lock(LockError::Lost { name, reason }));
-                        this.state.set(State::Rejected { rejection });
+                        // `lost` is only set with a guard; dropping it releases.
+                        let error = match guard.take() {
+                            Some((guard, _)) => {
+                                let name = guard.name().clone();
+                                tracing::warn!(lock.name = %name, %reason, "lock lost before the handler answered; failing the request");
+                                LockError::Lost { name, reason }
+                            }
+                            None => LockError::Unavailable {
+                                message: reason,
+                                source: None,
+                            },
+                        };
+                        let rejection = this.settings.responder.reject(error);
+                        this.state.set(State::Rejected {
+                            rejection: Some(rejection),
+                        });
                         continue;
                     }
                     let result = ready!(future.poll(cx));
@@ -171,11 +187,11 @@ where
                         Ok(response) => response,
                         Err(err) => return Poll::Ready(Err(err)), // the guard drops: released
                     };
-                    let Some(guard) = guard else {
+                    let Some((guard, acquired_at)) = guard else {
                         return Poll::Ready(Ok(response.map(LockedBody::new)));
                     };
                     if guard.is_lost() {
-                        tracing::warn!("lock was lost while the handler ran");
+                        tracing::warn!(lock.name = %guard.name(), "lock was lost while the handler ran");
                     }
                     let mut response = response;
                     if let Some(header) = &this.settings.token_header {
@@ -183,23 +199,43 @@ where
                             .headers_mut()
                             .insert(header.clone(), HeaderValue::from(guard.token()));
                     }
-                    let held = HeldLock::new(guard, this.span.clone());
+                    let held = HeldLock::new(guard, this.span.clone(), acquired_at);
                     return Poll::Ready(Ok(response.map(|body| LockedBody::locked(body, held))));
                 }
                 StateProj::Rejected { rejection } => {
-                    let response = match rejection.take() {
-                        Some(rejection) => this.settings.respond(&rejection),
-                        None => {
-                            let lost = LockRejection::Lock(LockError::Unavailable {
-                                message: "lock lost".into(),
-                                source: None,
-                            });
-                            this.settings.respond(&lost)
-                        }
-                    };
-                    return Poll::Ready(Ok(response.map(LockedBody::full)));
+                    let rejection = rejection.take().unwrap_or_else(|| {
+                        // Unreachable: the state is set with its rejection.
+                        this.settings.responder.reject(LockError::Unavailable {
+                            message: "the layer answered twice".into(),
+                            source: None,
+                        })
+                    });
+                    return Poll::Ready(Ok(rejection.response().map(LockedBody::rejection)));
                 }
             }
         }
     }
+}
+
+/// Logs an acquisition that failed: contention at DEBUG; anything else as
+/// one WARN line per request with the error's short message, and its whole
+/// chain of sources at DEBUG.
+fn log_failure(name: Option<&LockName>, err: &LockError, wait_ms: f64) {
+    let name = name.map(tracing::field::display);
+    if err.is_contended() {
+        tracing::debug!(lock.name = name, error = %err, wait_ms, "lock contended");
+        return;
+    }
+    tracing::warn!(
+        lock.name = name,
+        lock.outcome = err.kind(),
+        error = %err.summary(),
+        wait_ms,
+        "lock not acquired"
+    );
+    tracing::debug!(
+        lock.name = name,
+        error = err as &(dyn std::error::Error + 'static),
+        "lock not acquired: details"
+    );
 }

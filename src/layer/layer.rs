@@ -7,10 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderName, Response};
+use http_body::Body;
 use tower_layer::Layer;
 
-use super::{KeyExtractor, LockRejection, LockService};
-use crate::{LockMode, Locker, Wait};
+use super::{
+    KeyExtractor, LockRejection, LockResponder, LockService, RejectionBody, RejectionFormat,
+};
+use crate::{BoxError, LockMode, Locker, Wait};
 
 /// What to do when the lock is lost while the handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,7 +38,6 @@ pub enum LayerConfigError {
 }
 
 type ModeFn = dyn Fn(&Parts) -> LockMode + Send + Sync;
-type RejectionHandler = dyn Fn(&LockRejection) -> Response<Bytes> + Send + Sync;
 
 #[derive(Clone)]
 pub(crate) enum ModePolicy {
@@ -49,10 +51,9 @@ pub(crate) enum ModePolicy {
 pub(crate) struct Settings {
     pub(crate) wait: Wait,
     pub(crate) mode: ModePolicy,
-    pub(crate) retry_after: Duration,
     pub(crate) on_lost: OnLost,
     pub(crate) token_header: Option<HeaderName>,
-    pub(crate) rejection_handler: Option<Arc<RejectionHandler>>,
+    pub(crate) responder: LockResponder,
 }
 
 impl Settings {
@@ -67,13 +68,6 @@ impl Settings {
                 }
             }
             ModePolicy::Custom(f) => f(parts),
-        }
-    }
-
-    pub(crate) fn respond(&self, rejection: &LockRejection) -> Response<Bytes> {
-        match &self.rejection_handler {
-            Some(handler) => handler(rejection),
-            None => rejection.to_response(self.retry_after),
         }
     }
 }
@@ -110,10 +104,9 @@ impl<L: Locker, K: KeyExtractor> LockLayer<L, K> {
             settings: Arc::new(Settings {
                 wait: Wait::Try,
                 mode: ModePolicy::Fixed(LockMode::Exclusive),
-                retry_after: Duration::from_secs(1),
                 on_lost: OnLost::Finish,
                 token_header: None,
-                rejection_handler: None,
+                responder: LockResponder::default(),
             }),
         }
     }
@@ -158,11 +151,24 @@ impl<L: Locker, K: KeyExtractor> LockLayer<L, K> {
     }
 
     /// The `Retry-After` of 423 and 503 answers (default 1 s; sent in whole
-    /// seconds, at least 1).
+    /// seconds, rounded up, at least 1; in problem details also as
+    /// `retry_after`).
     pub fn retry_after(self, after: Duration) -> Self {
-        self.with(|s| s.retry_after = after)
+        self.with(|s| s.responder.retry_after = Some(after))
     }
 
+    /// The format of the layer's answers: plain text (the default) or
+    /// problem details.
+    pub fn rejection_format(self, format: RejectionFormat) -> Self {
+        self.with(|s| s.responder.format = format)
+    }
+
+    /// Answers with problem details (RFC 9457, `application/problem+json`):
+    /// `rejection_format(RejectionFormat::ProblemDetails)`. See
+    /// [`RejectionFormat`] for the members and problem types.
+    pub fn problem_details(self) -> Self {
+        self.rejection_format(RejectionFormat::ProblemDetails)
+    }
     /// What to do when the lock is lost while the handler runs.
     pub fn on_lost(self, on_lost: OnLost) -> Self {
         self.with(|s| s.on_lost = on_lost)
@@ -173,12 +179,50 @@ impl<L: Locker, K: KeyExtractor> LockLayer<L, K> {
         self.with(|s| s.token_header = Some(name))
     }
 
-    /// Replaces every rejection response (400, 423, 500, 503) with your own.
-    pub fn rejection_handler(
-        self,
-        handler: impl Fn(&LockRejection) -> Response<Bytes> + Send + Sync + 'static,
-    ) -> Self {
-        self.with(|s| s.rejection_handler = Some(Arc::new(handler)))
+    /// Replaces every rejection response (400, 423, 500, 503) with your own,
+    /// in any body type: an axum `Response`, a `Response<String>`, ...
+    ///
+    /// The handler gets the [`LockRejection`], which tells the status, text,
+    /// lock name and `Retry-After` (configured by
+    /// [`retry_after`](Self::retry_after)) of the built-in answer, and can
+    /// fall back on it with [`LockRejection::default_response`]. Handlers
+    /// that report lock errors through the route's [`LockResponder`] answer
+    /// through it too.
+    ///
+    /// ```
+    /// use axum::{http::header, response::{IntoResponse, Response}, Json};
+    /// use tower_lease_lock::{layer::{Key, LockLayer, LockRejection}, MemoryLocker};
+    ///
+    /// fn json_rejection(rejection: &LockRejection) -> Response {
+    ///     let body = Json(serde_json::json!({
+    ///         "error": rejection.body_text(),
+    ///         "lock": rejection.lock_name().map(|name| name.as_str()),
+    ///     }));
+    ///     match rejection.retry_after_secs() {
+    ///         Some(secs) => (rejection.status(), [(header::RETRY_AFTER, secs)], body).into_response(),
+    ///         None => (rejection.status(), body).into_response(),
+    ///     }
+    /// }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = LockLayer::new(MemoryLocker::new(), Key::path_param("tenant")?)
+    ///     .rejection_handler(json_rejection);
+    /// # Ok(()) }
+    /// ```
+    pub fn rejection_handler<F, B>(self, handler: F) -> Self
+    where
+        F: Fn(&LockRejection) -> Response<B> + Send + Sync + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let handler = move |rejection: &LockRejection| handler(rejection).map(RejectionBody::new);
+        self.with(|s| s.responder.handler = Some(Arc::new(handler)))
+    }
+
+    /// How this layer answers when it cannot run the handler under the lock.
+    /// The layer also hands it to handlers in the request extensions.
+    pub fn responder(&self) -> LockResponder {
+        self.settings.responder.clone()
     }
 }
 
@@ -210,6 +254,7 @@ impl<L, K> fmt::Debug for LockLayer<L, K> {
         f.debug_struct("LockLayer")
             .field("wait", &self.settings.wait)
             .field("on_lost", &self.settings.on_lost)
+            .field("responder", &self.settings.responder)
             .finish_non_exhaustive()
     }
 }

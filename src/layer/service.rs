@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::layer::Settings;
-use super::{KeyExtractor, LockRejection, LockedBody};
+use super::{KeyExtractor, LockedBody};
 use crate::Locker;
 
 /// The service made by [`LockLayer`](super::LockLayer).
@@ -57,13 +57,23 @@ where
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
         let settings = Arc::clone(&self.settings);
+        // For handlers that report lock errors of their own (see LockResponder).
+        parts.extensions.insert(settings.responder.clone());
         let name = match self.key.extract(&mut parts) {
             Ok(Some(name)) => name,
             Ok(None) => {
                 let request = Request::from_parts(parts, body);
                 return ResponseFuture::unlocked(self.inner.call(request), settings);
             }
-            Err(err) => return ResponseFuture::rejected(LockRejection::Key(err), settings),
+            Err(err) => {
+                if err.is_server_fault() {
+                    tracing::error!(error = %err, "lock key cannot be derived on this route");
+                } else {
+                    tracing::debug!(error = %err, "request without a valid lock key");
+                }
+                let rejection = settings.responder.reject(err);
+                return ResponseFuture::rejected(rejection, settings);
+            }
         };
         let mode = settings.mode_for(&parts);
         let wait = settings.wait;
@@ -79,9 +89,13 @@ where
             lock.wait_ms = tracing::field::Empty,
             lock.outcome = tracing::field::Empty,
         );
-        let acquire = Box::pin(async move { locker.lock(&name, mode, wait).await });
+        let acquire = {
+            let name = name.clone();
+            Box::pin(async move { locker.lock(&name, mode, wait).await })
+        };
         ResponseFuture::acquiring(
             acquire,
+            name,
             Request::from_parts(parts, body),
             service,
             settings,
