@@ -45,14 +45,18 @@ use bytes::Bytes;
 use http_body::Frame;
 use serde_json::{json, Value};
 use tower_lease_lock::axum::HeldLock;
-use tower_lease_lock::etcd::{ConfigError, EtcdLocker, DEFAULT_TTL, MAX_TTL, MIN_TTL};
-use tower_lease_lock::etcd_client::{Client, ConnectOptions};
+use tower_lease_lock::etcd::{
+    connect_options, max_request_timeout, ConfigError, EtcdLocker, DEFAULT_TTL, MAX_TTL, MIN_TTL,
+};
+use tower_lease_lock::etcd_client::Client;
 use tower_lease_lock::{Key, LockLayer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long etcd may take to answer the startup check.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The lock's bound on each etcd request (less when a short TTL needs it).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------
 // Settings
@@ -415,10 +419,10 @@ async fn run() -> Result<(), Failure> {
         }
     };
 
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+    // Quick 503s when etcd is away: 2 s per request, or less when a short
+    // TTL needs it (a lease renewal must be able to fail once and be retried).
+    let request_timeout = REQUEST_TIMEOUT.min(max_request_timeout(settings.ttl, None));
+    let options = connect_options(request_timeout);
     let given = settings.endpoints.is_some();
     let client = Client::connect(&endpoints, Some(options))
         .await
@@ -430,12 +434,12 @@ async fn run() -> Result<(), Failure> {
     let locker = EtcdLocker::builder(client.clone())
         .namespace(settings.namespace.clone())
         .ttl(settings.ttl)
-        .request_timeout(Duration::from_secs(2))
+        .request_timeout(request_timeout)
         .build()
         .map_err(|e| locker_setting(&settings, e))?;
 
     let key = Key::path_param("tenant").map_err(|e| Failure::Other(e.to_string()))?;
-    let mut layer = LockLayer::new(locker, key);
+    let mut layer = LockLayer::new(locker.clone(), key);
     if settings.wait_ms > 0 {
         layer = layer.wait(Duration::from_millis(settings.wait_ms));
     }
@@ -456,10 +460,17 @@ async fn run() -> Result<(), Failure> {
             format!("wait up to {} ms", settings.wait_ms)
         }
     );
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| Failure::Other(format!("serving failed: {e}")))
+        .map_err(|e| Failure::Other(format!("serving failed: {e}")));
+    // The last responses' releases may still be in flight: finish them, free
+    // whatever is held and revoke the lease, so another instance can take
+    // these tenants at once (not one TTL later).
+    if let Err(e) = locker.shutdown().await {
+        tracing::warn!(error = %e, "the lock service did not confirm the shutdown");
+    }
+    served
 }
 
 #[tokio::main]

@@ -345,6 +345,44 @@ async fn two_instances_serialize_one_tenant() {
     assert_no_keys_left_under(&etcd, NAMESPACE).await;
 }
 
+/// A demo stopped right after a request (SIGTERM, as on every deploy) frees
+/// its tenants at once: it shuts its locker down after the server stopped,
+/// so the release the last response spawned is not cut off and the lease is
+/// revoked. Another replica takes the tenant immediately, not one TTL later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_demo_frees_its_tenants_at_once() {
+    let binary = example_binary();
+    let etcd = etcd().await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let other = tower_lease_lock::etcd::EtcdLocker::builder(etcd.client().await.expect("connect"))
+        .namespace(NAMESPACE)
+        .build()
+        .expect("locker");
+    let tenant = tower_lease_lock::LockName::new("acme").expect("name");
+    for round in 0..3 {
+        let mut demo = start_instance(&binary, &format!("demo {round}"), &etcd, 0).await;
+        let answer = increment(&client, &demo, 0).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let status = demo.proc.terminate().await;
+        assert!(status.success(), "round {round}: exited with {status}");
+        use tower_lease_lock::Locker;
+        let guard = other
+            .try_acquire(&tenant)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the tenant is not free at once: {e}"));
+        let mut etcd_client = etcd.client().await.expect("connect");
+        let leases = etcd_client.leases().await.expect("leases");
+        let ids: Vec<i64> = leases.leases().iter().map(|l| l.id()).collect();
+        assert_eq!(
+            ids,
+            vec![guard.lease_id().expect("lease")],
+            "round {round}: leases left"
+        );
+        guard.release().await.expect("release");
+    }
+    assert_no_keys_left_under(&etcd, NAMESPACE).await;
+}
+
 // ---------------------------------------------------------------------------
 // The README's quick start, as written
 // ---------------------------------------------------------------------------

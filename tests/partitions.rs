@@ -214,3 +214,66 @@ async fn a_full_outage_answers_503_in_bounded_time_and_recovers() {
     })
     .await;
 }
+
+/// Compaction while waiting: the waiter's stream is cut, and by the time a
+/// new one resumes the name's watch, etcd has compacted past the revision it
+/// resumes from. The name starts over (a fresh watch and read) and the
+/// waiter is still granted when the holder leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_survives_compaction_past_its_resume_point() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let etcd = etcd().await;
+    let proxy = TcpProxy::start(&etcd.endpoints()[0]).await.expect("proxy");
+    let waiter = behind(&proxy, 10).await;
+    let holder = locker(&etcd, 10).await;
+    let name = LockName::new("compacted").unwrap();
+    let held = holder.try_acquire(&name).await.expect("hold");
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move { waiter.acquire(&name, Duration::from_secs(20)).await }
+    });
+    eventually("the waiter watches", Duration::from_secs(5), || async {
+        waiter.own_keys() == 1 && waiter.diagnostics().server_watches == 1
+    })
+    .await;
+    // History moves on and is compacted away.
+    let mut client = etcd.client().await.expect("connect");
+    for i in 0..5 {
+        client
+            .put(format!("elsewhere/{i}"), "x", None)
+            .await
+            .expect("put");
+    }
+    let revision = client
+        .get("elsewhere/0", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+    client.compact(revision, None).await.expect("compact");
+    // The stream breaks; its replacement cannot resume from before `revision`.
+    proxy.cut();
+    eventually("a new stream", Duration::from_secs(5), || async {
+        waiter.diagnostics().watch_restarts >= 1 && waiter.diagnostics().server_watches == 1
+    })
+    .await;
+    let released = Instant::now();
+    held.release().await.expect("release");
+    let guard = waiting.await.unwrap().expect("granted after compaction");
+    eprintln!("granted {:?} after the release", released.elapsed());
+    assert!(released.elapsed() < Duration::from_secs(2));
+    guard.release().await.expect("release");
+    let mut client = etcd.client().await.expect("connect");
+    client
+        .delete(
+            "elsewhere/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("clean up");
+    assert_no_keys_left(&etcd).await;
+}

@@ -60,6 +60,28 @@ pub enum ConfigError {
     BadNamespace(String),
 }
 
+/// The longest request timeout a locker with this lease TTL and renewal
+/// cadence (`None`: the default, TTL/3) accepts: a renewal sent at the
+/// cadence may time out once and be retried, both before the lease's local
+/// deadline. Zero when the TTL is below [`MIN_TTL`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lease_lock::etcd::max_request_timeout;
+///
+/// assert_eq!(max_request_timeout(Duration::from_secs(3), None), Duration::from_millis(700));
+/// assert_eq!(max_request_timeout(Duration::from_secs(30), None), Duration::from_millis(9500));
+/// ```
+pub fn max_request_timeout(ttl: Duration, cadence: Option<Duration>) -> Duration {
+    if ttl < MIN_TTL {
+        return Duration::ZERO;
+    }
+    let cadence = cadence.unwrap_or(ttl / 3);
+    ttl.saturating_sub(safety_margin(ttl))
+        .saturating_sub(cadence)
+        / 2
+}
+
 /// Builds an [`EtcdLocker`]; every mistake is a [`ConfigError`] from
 /// [`EtcdLockerBuilder::build`].
 ///
@@ -172,6 +194,12 @@ impl EtcdLockerBuilder {
         self
     }
 
+    /// The longest request timeout this builder's TTL and renewal cadence
+    /// leave room for; see [`max_request_timeout`].
+    pub fn max_request_timeout(&self) -> Duration {
+        max_request_timeout(self.ttl, self.cadence)
+    }
+
     /// The value stored in this locker's lock keys, shown to contenders as the
     /// holder (default `<hostname>:<process id>`).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
@@ -203,7 +231,7 @@ impl EtcdLockerBuilder {
         }
         // A renewal sent at the cadence, timing out once, and its retry must
         // all fit before the local deadline.
-        let max_request_timeout = (ttl - safety_margin(ttl) - cadence) / 2;
+        let max_request_timeout = self.max_request_timeout();
         let request_timeout = match self.request_timeout {
             None => DEFAULT_REQUEST_TIMEOUT.min(max_request_timeout),
             Some(timeout) if timeout.is_zero() => return Err(ConfigError::ZeroRequestTimeout),

@@ -46,8 +46,8 @@ use std::sync::Arc;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
 
 pub use config::{
-    ConfigError, EtcdLockerBuilder, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
-    MAX_TTL, MIN_TTL,
+    max_request_timeout, ConfigError, EtcdLockerBuilder, DEFAULT_NAMESPACE,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, MAX_TTL, MIN_TTL,
 };
 pub use connect::connect_options;
 

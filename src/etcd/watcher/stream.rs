@@ -264,12 +264,7 @@ impl StreamTask {
             if resp.canceled() {
                 // Refused: a resumed watch whose revision was compacted
                 // starts over; anything else gives the name up.
-                if resp.compact_revision() > 0 && !name.is_done() {
-                    name.restart();
-                    self.create(name, None).await;
-                } else {
-                    name.break_with(resp.cancel_reason());
-                }
+                self.cancelled(name, &resp).await;
                 return;
             }
             if name.is_done() {
@@ -297,12 +292,24 @@ impl StreamTask {
         if resp.canceled() {
             open.by_id.remove(&id);
             self.stats.server_watches.fetch_sub(1, Ordering::Relaxed);
-            if resp.compact_revision() > 0 && !name.is_done() {
-                name.restart();
-                self.create(name, None).await;
-            } else {
-                name.break_with(resp.cancel_reason());
-            }
+            self.cancelled(name, &resp).await;
+        }
+    }
+
+    /// etcd cancelled a name's watch (or refused to create it). When history
+    /// was compacted past where it resumed, the name starts over with a
+    /// fresh watch and read; anything else gives the name up.
+    async fn cancelled(&mut self, name: Arc<NameWatch>, resp: &WatchResponse) {
+        if resp.compact_revision() > 0 && !name.is_done() {
+            tracing::debug!(
+                prefix = name.keys.prefix(),
+                compacted = resp.compact_revision(),
+                "history compacted past the resume point; reading the name afresh"
+            );
+            name.restart();
+            self.create(name, None).await;
+        } else {
+            name.break_with(resp.cancel_reason());
         }
     }
 
