@@ -148,7 +148,7 @@ fn shutdown_ends_everything_quietly() {
             async move { a.acquire(&contended, Duration::from_secs(60)).await }
         });
         eventually("a waits in line", Duration::from_secs(5), || async {
-            a.own_keys() == 2
+            a.watches(&contended)
         })
         .await;
         let ours = held.lease_id().expect("lease");

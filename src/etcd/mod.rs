@@ -169,6 +169,14 @@ impl EtcdLocker {
         self.inner.watcher.watched_names()
     }
 
+    /// `true` while this locker watches `name`'s queue and it is exact: a
+    /// waiter of this locker is in line for `name`, or was a few seconds ago
+    /// (a name's watch stays a while after its last waiter left).
+    pub fn watches(&self, name: &LockName) -> bool {
+        let keys = keys::NameKeys::new(&self.inner.config.namespace, name);
+        self.inner.watcher.watches(&keys)
+    }
+
     /// What this locker has in etcd and in memory right now.
     pub fn diagnostics(&self) -> Diagnostics {
         let inner = &self.inner;

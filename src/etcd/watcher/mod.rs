@@ -166,6 +166,13 @@ impl Watcher {
         lock(&self.hub.names).len()
     }
 
+    /// `true` while the queue of `keys`' name is watched and exact.
+    pub(crate) fn watches(&self, keys: &NameKeys) -> bool {
+        lock(&self.hub.names)
+            .get(keys.prefix())
+            .is_some_and(|name| name.phase() == Phase::Synced)
+    }
+
     pub(crate) fn stats(&self) -> &Stats {
         &self.hub.stats
     }
