@@ -90,6 +90,7 @@ impl Renewal {
             }
             // At most half the time left: a round that fails leaves room for another.
             let budget = self.request_timeout.min((self.deadline - now) / 2);
+            let round = Instant::now();
             match self.renew(budget).await {
                 Ok(Renewed::At(sent)) => {
                     self.deadline = sent + self.ttl.saturating_sub(self.margin);
@@ -102,8 +103,15 @@ impl Renewal {
                 }
                 Err(err) => {
                     tracing::debug!(lease_id = self.lease_id, error = %err, "lease renewal failed");
-                    let left = self.deadline.saturating_duration_since(Instant::now());
-                    next = Instant::now() + RETRY_INTERVAL.min(left / 4);
+                    // A round that used its whole budget was hedged all along:
+                    // the next starts at once. One that failed early (an error
+                    // repeating cannot fix) pauses a little first.
+                    next = if round.elapsed() >= budget {
+                        Instant::now()
+                    } else {
+                        let left = self.deadline.saturating_duration_since(Instant::now());
+                        Instant::now() + RETRY_INTERVAL.min(left / 4)
+                    };
                 }
             }
         }

@@ -49,10 +49,28 @@ fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, below the kernel's
+/// ephemeral range (32768 and up on Linux): a port the kernel hands out
+/// itself could be taken as the source port of some outgoing connection
+/// before the server that is to listen on it binds it.
 pub fn free_port() -> io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for _ in 0..64 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u32(std::process::id());
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// How often a server whose start failed (a port taken meanwhile, say) is
+/// tried again, on fresh ports.
+const START_ATTEMPTS: usize = 3;
 
 impl EtcdMember {
     fn new(name: &str, data_dir: &Path, initial_cluster: String, ports: (u16, u16)) -> Self {
@@ -196,14 +214,30 @@ impl Drop for EtcdMember {
     }
 }
 
-async fn wait_ready(endpoints: &[String]) -> io::Result<()> {
+/// Waits until the members answer; fails at once when one of them exited
+/// (it could not bind its ports, say).
+async fn wait_ready(members: &mut [EtcdMember]) -> io::Result<()> {
+    let endpoints: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
     let started = Instant::now();
     let mut last_error = String::new();
     while started.elapsed() < START_TIMEOUT {
+        for member in members.iter_mut() {
+            let exited = member
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                member.kill(); // reaps it and forgets its pid
+                return Err(io::Error::other(format!(
+                    "etcd member {} exited at start ({status})",
+                    member.name
+                )));
+            }
+        }
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(Duration::from_secs(2));
-        match etcd_client::Client::connect(endpoints, Some(options)).await {
+        match etcd_client::Client::connect(&endpoints, Some(options)).await {
             Ok(mut client) => match client.get("tll-ready-probe", None).await {
                 Ok(_) => return Ok(()),
                 Err(e) => last_error = e.to_string(),
@@ -229,6 +263,19 @@ fn temp_dir() -> io::Result<tempfile::TempDir> {
 impl EtcdServer {
     /// Starts a single member on free ports and waits until it answers.
     pub async fn start() -> io::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start().await {
+                Err(err) if attempt < START_ATTEMPTS => {
+                    eprintln!("etcd did not start ({err}); trying again on other ports");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_start() -> io::Result<Self> {
         let dir = temp_dir()?;
         let (client, peer) = (free_port()?, free_port()?);
         let mut member = EtcdMember::new(
@@ -238,7 +285,7 @@ impl EtcdServer {
             (client, peer),
         );
         member.spawn()?;
-        wait_ready(&[member.client_url.clone()]).await?;
+        wait_ready(std::slice::from_mut(&mut member)).await?;
         Ok(Self { member, _dir: dir })
     }
 
@@ -265,13 +312,28 @@ impl EtcdServer {
     /// Restarts the server and waits until it answers again.
     pub async fn restart(&mut self) -> io::Result<()> {
         self.member.restart()?;
-        wait_ready(&self.endpoints()).await
+        wait_ready(std::slice::from_mut(&mut self.member)).await
     }
 }
 
 impl EtcdCluster {
     /// Starts three members on free ports and waits until the cluster answers.
     pub async fn start() -> io::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start().await {
+                Err(err) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "the etcd cluster did not start ({err}); trying again on other ports"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_start() -> io::Result<Self> {
         let dir = temp_dir()?;
         let mut ports = Vec::new();
         for _ in 0..3 {
@@ -290,8 +352,8 @@ impl EtcdCluster {
             member.spawn()?;
             members.push(member);
         }
-        let cluster = Self { members, _dir: dir };
-        wait_ready(&cluster.endpoints()).await?;
+        let mut cluster = Self { members, _dir: dir };
+        wait_ready(&mut cluster.members).await?;
         Ok(cluster)
     }
 
@@ -311,8 +373,8 @@ impl EtcdCluster {
     }
 
     /// Waits until the cluster answers (after members were restarted).
-    pub async fn wait_ready(&self) -> io::Result<()> {
-        wait_ready(&self.endpoints()).await
+    pub async fn wait_ready(&mut self) -> io::Result<()> {
+        wait_ready(&mut self.members).await
     }
 
     /// Every member (to pause or resume them through a shared reference).
