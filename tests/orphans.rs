@@ -17,14 +17,15 @@ use tower_lease_lock::etcd::EtcdLocker;
 use tower_lease_lock::testing::EtcdServer;
 use tower_lease_lock::{LockError, LockMode, LockName, Locker, Wait};
 
-/// Puts `key` under `lease`, as a late put of ours would.
+/// Puts `key` (absent) under `lease`, as a late put of ours would; returns
+/// its create revision. (A locker that meets it may delete it at once.)
 async fn put_late(etcd: &EtcdServer, key: &str, lease: i64) -> i64 {
     let mut client = etcd.client().await.expect("connect");
-    client
+    let put = client
         .put(key, "late", Some(PutOptions::new().with_lease(lease)))
         .await
         .expect("put");
-    create_revision(etcd, key).await.expect("just put")
+    put.header().expect("header").revision()
 }
 
 /// The key an acquisition of `locker` on `name` uses for `slot` (the layout
