@@ -44,13 +44,15 @@ pub(crate) struct Renewal {
     pub(crate) deadline: Instant,
 }
 
-/// Marks the session lost when the renewal task ends or is dropped.
+/// Marks the session lost when the renewal task ends or is dropped. A task
+/// that ends by itself has said why already; one dropped mid-way is being
+/// cut off by its runtime's shutdown, which is no incident to warn about.
 struct LostOnExit(Weak<Session>);
 
 impl Drop for LostOnExit {
     fn drop(&mut self) {
         if let Some(session) = self.0.upgrade() {
-            session.mark_lost("the lease renewal task stopped");
+            session.mark_lost_quietly("the lease renewal task stopped (its runtime shut down)");
         }
     }
 }

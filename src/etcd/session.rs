@@ -83,6 +83,13 @@ impl Session {
         self.trigger.trigger(reason);
     }
 
+    /// Tells the guards, logging only at debug level: for a renewal task
+    /// dropped with its runtime (the process is stopping).
+    pub(crate) fn mark_lost_quietly(&self, reason: &str) {
+        tracing::debug!(lease_id = self.lease_id, reason, "lease given up");
+        self.trigger.trigger(reason);
+    }
+
     /// Marks the lease revoked on purpose and its guards lost, quietly.
     fn revoked_on_purpose(&self, reason: &str) {
         self.revoked.store(true, Ordering::Release);
