@@ -85,6 +85,12 @@ impl LostTrigger {
         self.tx.send_modify(|_| {}); // wake waiters to re-read the deadline
     }
 
+    /// `true` once [`LostTrigger::trigger`] was called (a passed deadline
+    /// aside).
+    pub fn has_fired(&self) -> bool {
+        self.tx.borrow().is_some()
+    }
+
     /// `true` once triggered, or once the deadline passed.
     pub fn is_triggered(&self) -> bool {
         self.tx.borrow().is_some() || self.deadline.passed()

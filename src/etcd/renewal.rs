@@ -25,10 +25,13 @@ use tokio::time::Instant;
 
 use super::rpc::{self, Hedge};
 use super::session::Session;
-use crate::LostSignal;
+use super::BACKEND;
+use crate::{metrics, LostSignal};
 
 /// How long a keepalive may go unanswered before another is sent beside it.
 const HEDGE_AFTER: Duration = Duration::from_millis(100);
+/// The shortest renewal round worth starting.
+const MIN_ROUND: Duration = Duration::from_millis(10);
 /// The longest pause before retrying a failed renewal round.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -92,8 +95,14 @@ impl Renewal {
             }
             // At most half the time left: a round that fails leaves room for another.
             let budget = self.request_timeout.min((self.deadline - now) / 2);
+            if budget < MIN_ROUND {
+                next = self.deadline; // too little left for a round trip
+                continue;
+            }
             let round = Instant::now();
-            match self.renew(budget).await {
+            let renewed = self.renew(budget).await;
+            metrics::lease_renewal(BACKEND, matches!(renewed, Ok(Renewed::At(_))));
+            match renewed {
                 Ok(Renewed::At(sent)) => {
                     self.deadline = sent + self.ttl.saturating_sub(self.margin);
                     session.extend(self.deadline);

@@ -20,8 +20,9 @@ use super::config::Config;
 use super::local::LocalKeys;
 use super::renewal::Renewal;
 use super::rpc::{self, Hedge};
+use super::BACKEND;
 use crate::lost::{LostSignal, LostTrigger};
-use crate::LockError;
+use crate::{metrics, LockError};
 
 /// The reason given to guards when the locker shuts down.
 pub(crate) const SHUT_DOWN: &str = "the locker shut down";
@@ -77,8 +78,11 @@ impl Session {
     /// Tells every guard of this lease that it is lost. Logged as a warning
     /// unless the locker gave the lease up on purpose.
     pub(crate) fn mark_lost(&self, reason: &str) {
-        if !self.is_lost() && !self.was_revoked() {
+        // Once per lease: the first reason wins. (Not `is_lost()`: that is
+        // already true when the local deadline passed, the usual way to here.)
+        if !self.trigger.has_fired() && !self.was_revoked() {
             tracing::warn!(lease_id = self.lease_id, reason, "lease lost");
+            metrics::lease_lost(BACKEND);
         }
         self.trigger.trigger(reason);
     }
@@ -286,6 +290,7 @@ impl Sessions {
         });
         lock(&self.leases).insert(lease_id, Arc::downgrade(&session));
         tracing::debug!(lease_id, ttl = granted.ttl(), "lease granted");
+        metrics::lease_granted(BACKEND);
         let renewal = Renewal {
             session: Arc::downgrade(&session),
             lease_id,
