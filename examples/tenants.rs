@@ -16,6 +16,9 @@
 //!     so a client can act while the lock is held (see the README's quick start).
 //! GET  /tenants/{tenant}
 //!     The value, without a lock: {"tenant":"acme","value":1}
+//! GET  /metrics
+//!     The lock metrics in Prometheus text format (built with feature
+//!     `metrics`, as scripts/demo does; 404 otherwise)
 //! ```
 //!
 //! Every setting is checked, and the listener bound, before anything starts;
@@ -448,6 +451,17 @@ async fn run() -> Result<(), Failure> {
         .route_layer(layer)
         .route("/tenants/{tenant}", get(show))
         .with_state(client);
+    #[cfg(feature = "metrics")]
+    let app = {
+        // The lock's counters, histograms and gauges, as Prometheus scrapes them.
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| Failure::Other(format!("cannot install the metrics recorder: {e}")))?;
+        app.route(
+            "/metrics",
+            get(move || std::future::ready(recorder.render())),
+        )
+    };
 
     println!(
         "listening on {local_addr} (etcd {}, lock namespace {:?}, ttl {:?}, {})",

@@ -4,9 +4,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::{LockError, LockMode, LockName, LostSignal};
+use crate::{metrics, LockError, LockMode, LockName, LostSignal};
 
 /// A boxed, sendable future, as returned by [`Release::release`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -26,6 +26,7 @@ pub trait Release: Send + Sync + 'static {
 /// one in the request extensions.
 #[derive(Clone, Debug)]
 pub struct LockInfo {
+    backend: &'static str,
     name: LockName,
     mode: LockMode,
     token: u64,
@@ -39,6 +40,7 @@ impl LockInfo {
     /// Describes a held lock (for backend implementors).
     pub fn new(name: LockName, mode: LockMode, token: u64, lost: LostSignal) -> Self {
         Self {
+            backend: "custom",
             name,
             mode,
             token,
@@ -54,6 +56,18 @@ impl LockInfo {
         self.key = Some(key.into());
         self.lease_id = lease_id;
         self
+    }
+
+    /// Names the backend (`etcd`, `memory`, ...), for logs and metrics;
+    /// `custom` unless set.
+    pub fn with_backend(mut self, backend: &'static str) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The backend's name: `etcd`, `memory`, or what a backend set.
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// Sets how long the acquisition waited.
@@ -120,15 +134,28 @@ impl LockInfo {
 pub struct LockGuard {
     info: LockInfo,
     release: Option<Box<dyn Release>>,
+    /// When the guard was made, for the hold-time metric.
+    acquired_at: Instant,
 }
 
 impl LockGuard {
     /// Wraps a held lock (for backend implementors).
     pub fn new(info: LockInfo, release: impl Release) -> Self {
+        metrics::held(info.backend, info.mode);
         Self {
             info,
             release: Some(Box::new(release)),
+            acquired_at: Instant::now(),
         }
+    }
+
+    /// Counts the lock as released (once: release and drop both end here).
+    fn count_release(&self) {
+        metrics::released(
+            self.info.backend,
+            self.info.mode,
+            self.acquired_at.elapsed(),
+        );
     }
 
     /// The description of this lock.
@@ -174,7 +201,10 @@ impl LockGuard {
     /// Releases the lock and waits for the backend to confirm.
     pub async fn release(mut self) -> Result<(), LockError> {
         match self.release.take() {
-            Some(release) => release.release().await,
+            Some(release) => {
+                self.count_release();
+                release.release().await
+            }
             None => Ok(()),
         }
     }
@@ -183,6 +213,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
+            self.count_release();
             release.release_in_background();
         }
     }

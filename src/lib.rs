@@ -8,6 +8,7 @@ mod guard;
 mod locker;
 mod lost;
 mod memory;
+pub mod metrics;
 mod mode;
 mod name;
 mod trace;

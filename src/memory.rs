@@ -190,7 +190,7 @@ impl Locker for MemoryLocker {
             .lock_in_line(name, mode, wait.normalized(), started)
             .instrument(span.clone())
             .await;
-        span.in_scope(|| trace::record_outcome(&result, started.elapsed()));
+        span.in_scope(|| trace::record_outcome("memory", mode, &result, started.elapsed()));
         result
     }
 }
@@ -260,6 +260,7 @@ impl MemoryLocker {
         }
         ticket.armed = false;
         let info = LockInfo::new(name.clone(), mode, ticket.token, LostSignal::never())
+            .with_backend("memory")
             .with_waited(started.elapsed());
         Ok(LockGuard::new(
             info,

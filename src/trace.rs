@@ -5,7 +5,7 @@ use std::time::Duration;
 use tracing::field::Empty;
 use tracing::Span;
 
-use crate::{LockError, LockGuard, LockMode, LockName};
+use crate::{metrics, LockError, LockGuard, LockMode, LockName};
 
 /// A span named `lock.acquire` carrying `lock.name`, `lock.mode`, and, once
 /// known, `lock.token`, `lock.wait_ms` and `lock.outcome`.
@@ -25,7 +25,17 @@ pub(crate) fn acquire_span(backend: &'static str, name: &LockName, mode: LockMod
 /// DEBUG: the caller gets the error and decides what it is worth (the Tower
 /// layer logs one WARN per request that fails for something else than
 /// contention).
-pub(crate) fn record_outcome(result: &Result<LockGuard, LockError>, waited: Duration) {
+pub(crate) fn record_outcome(
+    backend: &'static str,
+    mode: LockMode,
+    result: &Result<LockGuard, LockError>,
+    waited: Duration,
+) {
+    let outcome = match result {
+        Ok(_) => "acquired",
+        Err(err) => err.kind(),
+    };
+    metrics::acquisition(backend, mode, outcome, waited);
     let span = Span::current();
     let wait_ms = millis(waited);
     span.record("lock.wait_ms", wait_ms);
@@ -96,7 +106,12 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(Levels(Arc::clone(&levels)));
         tracing::subscriber::with_default(subscriber, || {
             let err = LockError::unavailable("etcd txn failed", std::io::Error::other("refused"));
-            record_outcome(&Err(err), Duration::from_millis(3));
+            record_outcome(
+                "etcd",
+                LockMode::Exclusive,
+                &Err(err),
+                Duration::from_millis(3),
+            );
         });
         assert_eq!(*levels.lock().unwrap(), vec![Level::DEBUG]);
     }

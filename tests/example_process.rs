@@ -345,6 +345,37 @@ async fn two_instances_serialize_one_tenant() {
     assert_no_keys_left_under(&etcd, NAMESPACE).await;
 }
 
+/// With feature `metrics` (the test suite runs with every feature), the
+/// demo serves the lock's metrics at `/metrics`, and they move.
+#[cfg(feature = "metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_metrics() {
+    let binary = example_binary();
+    let etcd = etcd().await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let demo = start_instance(&binary, "demo", &etcd, 0).await;
+    assert_eq!(increment(&client, &demo, 0).await.status, 200);
+    let page = send(
+        &client,
+        http::Method::GET,
+        &format!("{}/metrics", demo.base),
+    )
+    .await;
+    assert_eq!(page.status, 200);
+    for expected in [
+        r#"tower_lease_lock_acquisitions_total{backend="etcd",mode="exclusive",outcome="acquired"} 1"#,
+        "tower_lease_lock_lease_grants_total",
+        "tower_lease_lock_wait_seconds",
+        "# HELP tower_lease_lock_held Locks held right now.",
+    ] {
+        assert!(
+            page.body.contains(expected),
+            "{expected:?} not in:\n{}",
+            page.body
+        );
+    }
+}
+
 /// A demo stopped right after a request (SIGTERM, as on every deploy) frees
 /// its tenants at once: it shuts its locker down after the server stopped,
 /// so the release the last response spawned is not cut off and the lease is

@@ -39,7 +39,7 @@ use super::keys::NameKeys;
 use super::local::Claim;
 use super::release::OwnKey;
 use super::session::{shut_down_error, Session};
-use super::{orphans, rpc, Inner};
+use super::{orphans, rpc, Inner, BACKEND};
 use crate::guard::LockInfo;
 use crate::mode::{grant, Grant};
 use crate::{trace, Holder, LockError, LockGuard, LockMode, LockName, Wait};
@@ -60,7 +60,7 @@ pub(super) async fn lock(
 ) -> Result<LockGuard, LockError> {
     let started = Instant::now();
     let wait = wait.normalized();
-    let span = trace::acquire_span("etcd", name, mode);
+    let span = trace::acquire_span(BACKEND, name, mode);
     let result = async {
         // Quick failures (a member failing over) are retried, each attempt
         // with a new key. Taking the lease and putting the key, all attempts
@@ -103,7 +103,7 @@ pub(super) async fn lock(
     }
     .instrument(span.clone())
     .await;
-    span.in_scope(|| trace::record_outcome(&result, started.elapsed()));
+    span.in_scope(|| trace::record_outcome(BACKEND, mode, &result, started.elapsed()));
     result
 }
 
@@ -508,6 +508,7 @@ impl<'a> Acquisition<'a> {
         let token = u64::try_from(token).map_err(|_| missing("a valid revision"))?;
         own.inner.local.set_token(&own.prefix, own.slot, token);
         let info = LockInfo::new(self.name.clone(), self.mode, token, own.session.signal())
+            .with_backend(BACKEND)
             .with_backend_key(Arc::clone(&own.key), Some(own.session.lease_id()))
             .with_waited(self.started.elapsed());
         Ok(LockGuard::new(info, own))

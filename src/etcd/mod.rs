@@ -52,6 +52,9 @@ pub use config::{
 pub use connect::connect_options;
 
 use crate::guard::LockInfo;
+
+/// The backend's name in logs and metrics.
+const BACKEND: &str = "etcd";
 use crate::{LockError, LockGuard, LockMode, LockName, Locker, Wait};
 use config::Config;
 use local::LocalKeys;

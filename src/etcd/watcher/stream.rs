@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use super::queue::{NameWatch, Phase};
 use super::{Command, Hub, Settings, Stats};
 use crate::etcd::rpc::{self, Hedge};
+use crate::etcd::BACKEND;
+use crate::metrics;
 
 /// How often in a row a stream may be replaced before its names are given
 /// up (their waiters subscribe again, with a backoff of their own).
@@ -427,6 +429,7 @@ impl StreamTask {
         };
         tracing::debug!(reason, "etcd watch stream given up");
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics::watch_stream_restarted(BACKEND);
         self.stats.server_watches.store(0, Ordering::Relaxed);
         let Open {
             creating, by_id, ..
