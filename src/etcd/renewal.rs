@@ -77,8 +77,15 @@ impl Renewal {
         tokio::pin!(lost);
         loop {
             tokio::select! {
-                // Lost elsewhere, or the session was dropped (no locker, no guard).
-                _ = &mut lost => break,
+                // Lost elsewhere, the local deadline passed (the signal has a
+                // timer of its own), or the session was dropped (no locker, no
+                // guard). Reported once; a no-op when it was reported already.
+                _ = &mut lost => {
+                    if let Some(session) = self.session.upgrade() {
+                        session.mark_lost("lease renewal failed until the local deadline");
+                    }
+                    break;
+                }
                 _ = tokio::time::sleep_until(next.min(self.deadline)) => {}
             }
             let Some(session) = self.session.upgrade() else {
