@@ -155,6 +155,7 @@ fn shutdown_ends_everything_quietly() {
 
         let started = Instant::now();
         a.shutdown().await.expect("shutdown");
+        eprintln!("shutdown took {:?}", started.elapsed());
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
