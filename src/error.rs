@@ -84,6 +84,20 @@ pub enum LockError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The backend refused the request for want of permission: the
+    /// credentials lack a grant on the lock's keys (etcd: `permission
+    /// denied`), or are missing or no longer valid (an expired auth token,
+    /// no user). Repeating the request cannot fix it: the service's backend
+    /// configuration must change. [`LockLayer`](crate::LockLayer) answers 500
+    /// (a server misconfiguration, not an outage: no `Retry-After`).
+    #[error("lock backend permission denied: {message}")]
+    PermissionDenied {
+        /// What was refused, and etcd's reason.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The lock was lost: its lease expired, was revoked or was not renewed
     /// before its local deadline, or its key vanished while it waited in line.
     #[error("lock {name:?} was lost: {reason}")]
@@ -126,7 +140,7 @@ impl LockError {
             | Self::Timeout { name, .. }
             | Self::Lost { name, .. }
             | Self::ModeConflict { name, .. } => Some(name),
-            Self::InvalidName(_) | Self::Unavailable { .. } => None,
+            Self::InvalidName(_) | Self::Unavailable { .. } | Self::PermissionDenied { .. } => None,
         }
     }
 
@@ -155,13 +169,14 @@ impl LockError {
     }
 
     /// A short label for logs and metrics: `locked`, `timeout`, `invalid_name`,
-    /// `unavailable`, `lost` or `mode_conflict`.
+    /// `unavailable`, `permission_denied`, `lost` or `mode_conflict`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Locked { .. } => "locked",
             Self::Timeout { .. } => "timeout",
             Self::InvalidName(_) => "invalid_name",
             Self::Unavailable { .. } => "unavailable",
+            Self::PermissionDenied { .. } => "permission_denied",
             Self::Lost { .. } => "lost",
             Self::ModeConflict { .. } => "mode_conflict",
         }

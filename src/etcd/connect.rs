@@ -30,12 +30,20 @@ const MIN_PING_INTERVAL: Duration = Duration::from_secs(10);
 ///   moves to another member.
 ///
 /// Extend them for your deployment, for example with TLS
-/// (`.with_tls(..)`, etcd-client's `tls` feature) or a user
-/// (`.with_user(name, password)`). **With a user, also enable
+/// (`.with_tls(..)` and `https://` endpoints, this crate's feature `tls`)
+/// or a user (`.with_user(name, password)`). **With a user, also enable
 /// `.with_auto_token_refresh(true)`**: etcd's auth tokens expire
-/// (`--auth-token-ttl`, 5 minutes by default), and without the refresh
-/// every request, lease renewals included, fails once the token has expired,
-/// so the locks are lost.
+/// (`--auth-token-ttl`, 5 minutes of disuse by default for simple tokens;
+/// JWT tokens after a fixed time), and without the refresh every request
+/// that needs the token is refused once it has expired
+/// ([`LockError::PermissionDenied`](crate::LockError::PermissionDenied),
+/// "invalid auth token"): acquisitions fail, and releases cannot delete
+/// their keys. etcd 3.4 renews leases without checking the token, so the
+/// locks already held are not lost: they stay held, their names locked for
+/// everyone, until the locker shuts down and its lease expires.
+///
+/// The user's role needs `readwrite` on the locker's namespace prefix, and
+/// nothing more: see the crate docs, "TLS and auth".
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,6 +57,26 @@ const MIN_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// let locker = EtcdLocker::connect(["http://127.0.0.1:2379"], Some(options))
 ///     .await?
 ///     .request_timeout(timeout)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+///
+/// With TLS (feature `tls`), trusting your etcd CA and, when etcd runs with
+/// `--client-cert-auth`, presenting a client certificate:
+///
+/// ```no_run
+/// # #[cfg(feature = "tls")]
+/// # async fn demo(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_lease_lock::etcd::{connect_options, EtcdLocker};
+/// use tower_lease_lock::etcd_client::{Certificate, Identity, TlsOptions};
+///
+/// let tls = TlsOptions::new()
+///     .ca_certificate(Certificate::from_pem(ca_pem))
+///     .identity(Identity::from_pem(cert_pem, key_pem));
+/// let options = connect_options(Duration::from_secs(2)).with_tls(tls);
+/// let locker = EtcdLocker::connect(["https://etcd-1:2379"], Some(options))
+///     .await?
 ///     .build()?;
 /// # Ok(()) }
 /// ```

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use crate::LockError;
 
 /// Runs one etcd request, failing with [`LockError::Unavailable`] when it
-/// errors or takes longer than `timeout`.
+/// errors or takes longer than `timeout` ([`LockError::PermissionDenied`]
+/// when etcd refused it for want of permission).
 pub(crate) async fn with_timeout<T>(
     timeout: Duration,
     what: &'static str,
@@ -33,7 +34,34 @@ pub(crate) async fn with_timeout<T>(
 }
 
 fn failed(what: &str, err: etcd_client::Error) -> LockError {
+    if is_permission_error(&err) {
+        return LockError::PermissionDenied {
+            message: format!("etcd refused the {what}: {}", short(&err)),
+            source: Some(err.into()),
+        };
+    }
     LockError::unavailable(format!("etcd {what} failed: {}", short(&err)), err)
+}
+
+/// `true` when etcd refused a request for want of permission: the user's
+/// roles grant no access to a key (`PermissionDenied`), the auth token is
+/// invalid or expired (`Unauthenticated`; the Lock and Election services
+/// report it as `Unknown`), or auth is on and the client has no user.
+/// Only the service's configuration can fix these: never retried, and
+/// certainly not applied (etcd checks permissions before it applies).
+pub(crate) fn is_permission_error(err: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    let etcd_client::Error::GRpcStatus(status) = err else {
+        return false;
+    };
+    match status.code() {
+        Code::PermissionDenied | Code::Unauthenticated => true,
+        Code::InvalidArgument | Code::Unknown => {
+            let message = status.message();
+            message.contains("invalid auth token") || message.contains("user name is empty")
+        }
+        _ => false,
+    }
 }
 
 fn timed_out(what: &str, timeout: Duration) -> LockError {
@@ -187,6 +215,7 @@ pub(crate) fn is_retryable(err: &etcd_client::Error) -> bool {
                     | Code::Unimplemented
                     | Code::AlreadyExists
             ) && !is_lease_not_found(err)
+                && !is_permission_error(err)
         }
         etcd_client::Error::InvalidArgs(_)
         | etcd_client::Error::InvalidUri(_)
@@ -211,6 +240,10 @@ fn source_of(err: &LockError) -> Option<&etcd_client::Error> {
         LockError::Unavailable {
             source: Some(source),
             ..
+        }
+        | LockError::PermissionDenied {
+            source: Some(source),
+            ..
         } => source.downcast_ref::<etcd_client::Error>(),
         _ => None,
     }
@@ -233,6 +266,9 @@ pub(crate) fn certainly_not_applied(err: &LockError) -> bool {
     let Some(source) = source_of(err) else {
         return false;
     };
+    if is_permission_error(source) {
+        return true;
+    }
     if let etcd_client::Error::GRpcStatus(status) = source {
         use tonic::Code;
         if matches!(
@@ -249,4 +285,73 @@ pub(crate) fn certainly_not_applied(err: &LockError) -> bool {
     }
     let text = source.to_string();
     text.contains("tcp connect error") || text.contains("Connection refused")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn status(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(Status::new(code, message))
+    }
+
+    #[test]
+    fn auth_refusals_are_permission_errors_never_retried_nor_applied() {
+        // As etcd 3.4 words them: a role without the grant, an expired token
+        // (and the Lock service's flattened form of it), no user.
+        for err in [
+            status(Code::PermissionDenied, "etcdserver: permission denied"),
+            status(Code::Unauthenticated, "etcdserver: invalid auth token"),
+            status(Code::Unknown, "etcdserver: invalid auth token"),
+            status(Code::InvalidArgument, "etcdserver: user name is empty"),
+        ] {
+            assert!(is_permission_error(&err), "{err}");
+            assert!(!is_retryable(&err), "{err}");
+            let mapped = failed("txn", err);
+            assert!(
+                matches!(mapped, LockError::PermissionDenied { .. }),
+                "{mapped:?}"
+            );
+            assert_eq!(mapped.kind(), "permission_denied");
+            assert!(lock_error_is_permanent(&mapped));
+            assert!(certainly_not_applied(&mapped));
+        }
+        let mapped = failed(
+            "txn",
+            status(Code::PermissionDenied, "etcdserver: permission denied"),
+        );
+        assert_eq!(
+            mapped.to_string(),
+            "lock backend permission denied: etcd refused the txn: \
+             PermissionDenied: etcdserver: permission denied"
+        );
+    }
+
+    #[test]
+    fn other_failures_stay_unavailable() {
+        for (err, retryable) in [
+            (status(Code::Unavailable, "transport error"), true),
+            (status(Code::Unknown, "etcdserver: request timed out"), true),
+            (
+                status(Code::NotFound, "etcdserver: requested lease not found"),
+                false,
+            ),
+            (
+                status(
+                    Code::InvalidArgument,
+                    "etcdserver: too many operations in txn request",
+                ),
+                false,
+            ),
+        ] {
+            assert!(!is_permission_error(&err), "{err}");
+            assert_eq!(is_retryable(&err), retryable, "{err}");
+            let mapped = failed("txn", err);
+            assert!(
+                matches!(mapped, LockError::Unavailable { .. }),
+                "{mapped:?}"
+            );
+        }
+    }
 }

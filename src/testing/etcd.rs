@@ -1,11 +1,16 @@
 //! Throwaway etcd servers: one member, or a cluster of three.
 
+use std::ffi::OsString;
 use std::io;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use etcd_client::ConnectOptions;
+
+use super::builder::Security;
 
 /// How long a fresh etcd may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,12 +34,17 @@ pub struct EtcdMember {
     data_dir: PathBuf,
     child: Option<Child>,
     paused: AtomicBool,
+    /// TLS and auth flags.
+    extra_args: Vec<OsString>,
+    /// Where `/metrics` is served, when not at the client URL (TLS).
+    metrics_url: Option<String>,
 }
 
 /// A single-member etcd for one test.
 #[derive(Debug)]
 pub struct EtcdServer {
     member: EtcdMember,
+    security: Security,
     _dir: tempfile::TempDir,
 }
 
@@ -82,7 +92,21 @@ impl EtcdMember {
             data_dir: data_dir.join(name),
             child: None,
             paused: AtomicBool::new(false),
+            extra_args: Vec::new(),
+            metrics_url: None,
         }
+    }
+
+    /// Serves clients as `security` says (`https` with TLS, metrics then
+    /// on `metrics_port` in plain HTTP).
+    fn secure(&mut self, security: &Security, dir: &Path, metrics_port: u16) -> io::Result<()> {
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+        self.extra_args = security.args(dir, &metrics_url)?;
+        if security.https() {
+            self.client_url = self.client_url.replacen("http://", "https://", 1);
+            self.metrics_url = Some(metrics_url);
+        }
+        Ok(())
     }
 
     fn spawn(&mut self) -> io::Result<()> {
@@ -104,6 +128,7 @@ impl EtcdMember {
             .args(["--initial-cluster-token", "tower-lease-lock-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--log-level", "error"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -128,7 +153,7 @@ impl EtcdMember {
         Ok(())
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> &str {
         &self.client_url
     }
@@ -174,7 +199,8 @@ impl EtcdMember {
     /// serves right now.
     pub async fn metric(&self, name: &str) -> io::Result<Option<f64>> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let address = self.client_url.trim_start_matches("http://");
+        let url = self.metrics_url.as_ref().unwrap_or(&self.client_url);
+        let address = url.trim_start_matches("http://");
         let mut stream = tokio::net::TcpStream::connect(address).await?;
         let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
@@ -214,9 +240,9 @@ impl Drop for EtcdMember {
     }
 }
 
-/// Waits until the members answer; fails at once when one of them exited
-/// (it could not bind its ports, say).
-async fn wait_ready(members: &mut [EtcdMember]) -> io::Result<()> {
+/// Waits until the members answer a client with `options`; fails at once
+/// when one of them exited (it could not bind its ports, say).
+async fn wait_ready(members: &mut [EtcdMember], options: &ConnectOptions) -> io::Result<()> {
     let endpoints: Vec<String> = members.iter().map(|m| m.client_url.clone()).collect();
     let started = Instant::now();
     let mut last_error = String::new();
@@ -234,7 +260,8 @@ async fn wait_ready(members: &mut [EtcdMember]) -> io::Result<()> {
                 )));
             }
         }
-        let options = etcd_client::ConnectOptions::new()
+        let options = options
+            .clone()
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(Duration::from_secs(2));
         match etcd_client::Client::connect(&endpoints, Some(options)).await {
@@ -263,9 +290,14 @@ fn temp_dir() -> io::Result<tempfile::TempDir> {
 impl EtcdServer {
     /// Starts a single member on free ports and waits until it answers.
     pub async fn start() -> io::Result<Self> {
+        Self::start_with(Security::default()).await
+    }
+
+    /// Starts a single member set up as `security` says.
+    pub(super) async fn start_with(security: Security) -> io::Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::try_start().await {
+            match Self::try_start(&security).await {
                 Err(err) if attempt < START_ATTEMPTS => {
                     eprintln!("etcd did not start ({err}); trying again on other ports");
                     attempt += 1;
@@ -275,7 +307,7 @@ impl EtcdServer {
         }
     }
 
-    async fn try_start() -> io::Result<Self> {
+    async fn try_start(security: &Security) -> io::Result<Self> {
         let dir = temp_dir()?;
         let (client, peer) = (free_port()?, free_port()?);
         let mut member = EtcdMember::new(
@@ -284,9 +316,28 @@ impl EtcdServer {
             format!("n1=http://127.0.0.1:{peer}"),
             (client, peer),
         );
+        member.secure(security, dir.path(), free_port()?)?;
         member.spawn()?;
-        wait_ready(std::slice::from_mut(&mut member)).await?;
-        Ok(Self { member, _dir: dir })
+        let members = std::slice::from_mut(&mut member);
+        wait_ready(members, &security.apply(ConnectOptions::new(), false)).await?;
+        let mut server = Self {
+            member,
+            security: security.clone(),
+            _dir: dir,
+        };
+        if security.enable_auth(&server.endpoints()).await? {
+            server.wait_ready().await?; // as root
+        }
+        Ok(server)
+    }
+
+    pub(super) fn security(&self) -> &Security {
+        &self.security
+    }
+
+    async fn wait_ready(&mut self) -> io::Result<()> {
+        let options = self.security.apply(ConnectOptions::new(), true);
+        wait_ready(std::slice::from_mut(&mut self.member), &options).await
     }
 
     /// The client URLs.
@@ -294,9 +345,12 @@ impl EtcdServer {
         vec![self.member.client_url.clone()]
     }
 
-    /// A new client connected to this server.
+    /// A new client connected to this server, with
+    /// [`connect_options`](Self::connect_options) for a 2 s request timeout
+    /// (as root, with auth).
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        connect(&self.endpoints()).await
+        let options = self.connect_options(Duration::from_secs(2));
+        etcd_client::Client::connect(self.endpoints(), Some(options)).await
     }
 
     /// The member process, to kill, pause or restart it.
@@ -312,7 +366,7 @@ impl EtcdServer {
     /// Restarts the server and waits until it answers again.
     pub async fn restart(&mut self) -> io::Result<()> {
         self.member.restart()?;
-        wait_ready(std::slice::from_mut(&mut self.member)).await
+        self.wait_ready().await
     }
 }
 
@@ -353,7 +407,7 @@ impl EtcdCluster {
             members.push(member);
         }
         let mut cluster = Self { members, _dir: dir };
-        wait_ready(&mut cluster.members).await?;
+        wait_ready(&mut cluster.members, &ConnectOptions::new()).await?;
         Ok(cluster)
     }
 
@@ -374,7 +428,7 @@ impl EtcdCluster {
 
     /// Waits until the cluster answers (after members were restarted).
     pub async fn wait_ready(&mut self) -> io::Result<()> {
-        wait_ready(&mut self.members).await
+        wait_ready(&mut self.members, &ConnectOptions::new()).await
     }
 
     /// Every member (to pause or resume them through a shared reference).

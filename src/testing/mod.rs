@@ -4,6 +4,11 @@
 //!   loopback ports with a temporary data dir, waits until it answers, and
 //!   kills it when dropped. [`EtcdCluster::start`] does the same for three
 //!   members, for fault tests that kill, pause or restart one.
+//! - [`EtcdServer::builder`] starts one as production etcd runs: with TLS
+//!   (feature `tls`; a CA and certificates made at start, client
+//!   certificates optional) and auth (a root user, then users with a role of
+//!   their own, [`EtcdServer::add_user`]), and
+//!   [`EtcdServer::connect_options`] matches a client to it.
 //! - [`TcpProxy`] sits between a client and one server on loopback, in
 //!   process: it passes traffic, blackholes it (accepts and holds, never
 //!   answers, never resets), or cuts its connections, to test partitions
@@ -21,8 +26,17 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod builder;
 mod etcd;
 mod proxy;
+#[cfg(feature = "tls")]
+mod tls;
 
+pub use auth::Credentials;
+pub use builder::EtcdServerBuilder;
 pub use etcd::{free_port, EtcdCluster, EtcdMember, EtcdServer, DATA_DIR_PREFIX};
 pub use proxy::{ProxyMode, TcpProxy};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::{TestCertificates, CLIENT_CERT_NAME};
