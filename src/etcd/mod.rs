@@ -219,8 +219,9 @@ impl EtcdLocker {
     /// returns at once.
     ///
     /// Fails with [`LockError::Unavailable`] when a lease could not be
-    /// revoked (etcd unreachable): its keys then go when it expires, one TTL
-    /// later.
+    /// revoked (etcd unreachable), or [`LockError::PermissionDenied`] when
+    /// etcd refused it (an expired auth token, a role without write on the
+    /// namespace): its keys then go when it expires, one TTL later.
     pub async fn shutdown(&self) -> Result<(), LockError> {
         let inner = &self.inner;
         if inner.closing.send_replace(true) {

@@ -72,6 +72,16 @@ impl OwnKey {
                     tracing::debug!(key = %self.key, error = %err, "lease lost; key goes with it");
                     break;
                 }
+                // Refused for good (the token expired without refresh, a
+                // role changed): retrying cannot help. The lease is left to
+                // expire instead, and the key goes with it within one TTL.
+                Err(err @ LockError::PermissionDenied { .. }) => {
+                    tracing::warn!(key = %self.key, error = %err, "lock release refused; the lease is left to expire");
+                    self.session.abandon(&format!(
+                        "a lock key of this lease cannot be deleted: {err}"
+                    ));
+                    break;
+                }
                 Err(err) => {
                     tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying");
                     tokio::time::sleep(backoff).await;

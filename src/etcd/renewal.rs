@@ -133,8 +133,13 @@ impl Renewal {
                 }
             }
         }
-        let revoked_on_purpose = self.session.upgrade().is_some_and(|s| s.was_revoked());
-        if !revoked_on_purpose {
+        // A lease revoked on purpose is gone; an abandoned one is left to
+        // expire (revoking it was refused already, as deleting its key was).
+        let leave = self
+            .session
+            .upgrade()
+            .is_some_and(|s| s.was_revoked() || s.is_abandoned());
+        if !leave {
             self.revoke().await;
         }
     }

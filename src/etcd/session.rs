@@ -44,6 +44,9 @@ pub(crate) struct Session {
     /// Set once the lease was revoked on purpose (shutdown): its renewal task
     /// need not revoke it again, and its loss is not a warning.
     revoked: AtomicBool,
+    /// Set when a key of this lease can never be deleted: the lease is no
+    /// longer renewed, so that it expires and takes the key with it.
+    abandoned: AtomicBool,
     /// Told when the last reference is gone (the lease's keys and retired
     /// slots are then forgotten).
     on_drop: Mutex<Option<OnDrop>>,
@@ -68,6 +71,20 @@ impl Session {
 
     pub(crate) fn was_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// A key of this lease can never be deleted (etcd refuses it for good):
+    /// the lease is retired and no longer renewed, so that etcd expires it
+    /// within one TTL and the key goes with it. Its guards are lost now.
+    pub(crate) fn abandon(&self, reason: &str) {
+        self.retired.store(true, Ordering::Release);
+        if !self.abandoned.swap(true, Ordering::AcqRel) {
+            self.mark_lost(reason);
+        }
+    }
+
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     /// Moves the local deadline on after a renewal.
@@ -286,6 +303,7 @@ impl Sessions {
             trigger,
             retired: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             on_drop: Mutex::new(Some(Box::new(on_drop))),
         });
         lock(&self.leases).insert(lease_id, Arc::downgrade(&session));

@@ -40,8 +40,8 @@ impl LockRejection {
     }
 
     /// The status code: 400 (missing or invalid key), 423 (contended), 500
-    /// (key underivable on the route, modes in conflict) or 503 (backend
-    /// unavailable, lock lost).
+    /// (key underivable on the route, modes in conflict, backend permission
+    /// denied) or 503 (backend unavailable, lock lost).
     pub fn status(&self) -> StatusCode {
         match &self.cause {
             Cause::Key(e) if e.is_server_fault() => StatusCode::INTERNAL_SERVER_ERROR,

@@ -137,7 +137,10 @@ impl Subscription {
         &self,
         decide: impl FnMut(&Queue<'_>) -> Option<T>,
     ) -> Result<T, LockError> {
-        self.name.wait_until(decide).await.map_err(|r| broken(&r))
+        self.name
+            .wait_until(decide)
+            .await
+            .map_err(|ended| ended_error(&ended))
     }
 }
 
@@ -145,6 +148,19 @@ fn broken(reason: &str) -> LockError {
     LockError::Unavailable {
         message: format!("etcd watch broke: {reason}"),
         source: None,
+    }
+}
+
+/// What a waiter is told when its name's watch ended: broken (subscribe
+/// again) or refused (give up).
+fn ended_error(phase: &Phase) -> LockError {
+    match phase {
+        Phase::Refused(reason) => LockError::PermissionDenied {
+            message: format!("etcd refused to watch the lock's keys: {reason}"),
+            source: None,
+        },
+        Phase::Broken(reason) => broken(reason),
+        Phase::Creating | Phase::Created | Phase::Synced => broken("watch ended"),
     }
 }
 
@@ -242,7 +258,9 @@ impl Watcher {
                 changed.borrow_and_update();
                 match name.phase() {
                     Phase::Synced => return Ok(()),
-                    Phase::Broken(reason) => return Err(broken(&reason)),
+                    ended @ (Phase::Broken(_) | Phase::Refused(_)) => {
+                        return Err(ended_error(&ended))
+                    }
                     Phase::Creating | Phase::Created => {}
                 }
                 if changed.changed().await.is_err() {

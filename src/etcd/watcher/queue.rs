@@ -2,7 +2,7 @@
 //! revision, kept exact by a list read plus every later watch event.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use etcd_client::{EventType, WatchResponse};
@@ -28,6 +28,8 @@ pub(crate) enum Phase {
     Synced,
     /// Given up: waiters subscribe again.
     Broken(String),
+    /// Refused for good (permission denied): waiters fail.
+    Refused(String),
 }
 
 /// One key in a name's queue.
@@ -147,6 +149,10 @@ impl NameState {
         }
     }
 
+    fn is_ended(&self) -> bool {
+        matches!(self.phase, Phase::Broken(_) | Phase::Refused(_))
+    }
+
     /// The revision to watch from to pick up where this queue is exact: the
     /// events of that revision again (they are idempotent here), in case a
     /// revision's events were split over two responses.
@@ -166,6 +172,8 @@ pub(crate) struct NameWatch {
     idle_since: Mutex<Option<Instant>>,
     /// Set once it was closed as idle: it must not stay registered.
     closed: AtomicBool,
+    /// How often in a row etcd refused to create its watch.
+    refusals: AtomicU32,
 }
 
 impl NameWatch {
@@ -185,6 +193,7 @@ impl NameWatch {
             users: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             closed: AtomicBool::new(false),
+            refusals: AtomicU32::new(0),
         }
     }
 
@@ -208,16 +217,31 @@ impl NameWatch {
     }
 
     pub(crate) fn break_with(&self, reason: &str) {
+        self.end(Phase::Broken(reason.to_string()));
+    }
+
+    /// etcd refused the watch for good: its waiters fail rather than
+    /// subscribe again.
+    pub(crate) fn refuse(&self, reason: &str) {
+        self.end(Phase::Refused(reason.to_string()));
+    }
+
+    fn end(&self, phase: Phase) {
         self.update(|s| {
-            if !matches!(s.phase, Phase::Broken(_)) {
-                s.phase = Phase::Broken(reason.to_string());
+            if !s.is_ended() {
+                s.phase = phase;
             }
             s.pending.clear();
         });
     }
 
     pub(crate) fn is_broken(&self) -> bool {
-        matches!(lock(&self.state).phase, Phase::Broken(_))
+        lock(&self.state).is_ended()
+    }
+
+    /// Counts a refused create; returns how many in a row.
+    pub(crate) fn refused_once_more(&self) -> u32 {
+        self.refusals.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// `true` once the name has no use: closed as idle, or broken (its
@@ -254,7 +278,7 @@ impl NameWatch {
     /// events aside again, and read the keys once it is confirmed.
     pub(crate) fn restart(&self) {
         self.update(|s| {
-            if matches!(s.phase, Phase::Broken(_)) {
+            if s.is_ended() {
                 return;
             }
             s.phase = Phase::Creating;
@@ -270,6 +294,7 @@ impl NameWatch {
     /// etcd confirmed the watch. Returns the epoch a list read must match
     /// when this is a fresh watch (`None` for a resumed one).
     pub(crate) fn created(&self) -> Option<u64> {
+        self.refusals.store(0, Ordering::Release);
         self.update(|s| match s.phase {
             Phase::Creating => {
                 s.phase = Phase::Created;
@@ -326,25 +351,25 @@ impl NameWatch {
                 match s.phase {
                     Phase::Synced => s.apply(&self.keys, change),
                     Phase::Creating | Phase::Created => s.pending.push(change),
-                    Phase::Broken(_) => {}
+                    Phase::Broken(_) | Phase::Refused(_) => {}
                 }
             }
         });
     }
 
     /// Waits until `decide` returns a value for the synced queue. Fails when
-    /// the name breaks.
+    /// the name breaks, or is refused.
     pub(crate) async fn wait_until<T>(
         &self,
         mut decide: impl FnMut(&Queue<'_>) -> Option<T>,
-    ) -> Result<T, String> {
+    ) -> Result<T, Phase> {
         let mut changed = self.changed.subscribe();
         loop {
             changed.borrow_and_update();
             {
                 let state = lock(&self.state);
                 match &state.phase {
-                    Phase::Broken(reason) => return Err(reason.clone()),
+                    ended @ (Phase::Broken(_) | Phase::Refused(_)) => return Err(ended.clone()),
                     // Exact: decide. Otherwise (being re-created) wait.
                     Phase::Synced => {
                         if let Some(decision) = decide(&Queue { state: &state }) {
@@ -355,7 +380,7 @@ impl NameWatch {
                 }
             }
             if changed.changed().await.is_err() {
-                return Err("watch closed".to_string());
+                return Err(Phase::Broken("watch closed".to_string()));
             }
         }
     }

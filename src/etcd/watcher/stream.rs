@@ -26,6 +26,7 @@ use super::{Command, Hub, Settings, Stats};
 use crate::etcd::rpc::{self, Hedge};
 use crate::etcd::BACKEND;
 use crate::metrics;
+use crate::LockError;
 
 /// How often in a row a stream may be replaced before its names are given
 /// up (their waiters subscribe again, with a backoff of their own).
@@ -125,8 +126,8 @@ impl StreamTask {
             return;
         }
         if self.stream.is_none() {
-            if let Err(reason) = self.open().await {
-                name.break_with(&reason);
+            if let Err(err) = self.open().await {
+                end(&name, &err);
                 return;
             }
         }
@@ -135,7 +136,7 @@ impl StreamTask {
 
     /// Opens a stream with a watch on the anchor key, hedged, within one
     /// request timeout.
-    async fn open(&mut self) -> Result<(), String> {
+    async fn open(&mut self) -> Result<(), LockError> {
         let hedge =
             Hedge::for_timeout(self.settings.request_timeout).after(self.settings.hedge_after);
         let anchor = self.settings.anchor.clone();
@@ -144,11 +145,22 @@ impl StreamTask {
             "watch",
             || {
                 let (mut client, anchor) = (self.client.watch_client(), anchor.clone());
+                let anchor_for_error = anchor.clone();
                 async move {
                     let mut stream = client.watch(anchor, None).await?;
                     match stream.message().await? {
                         Some(resp) if resp.created() && !resp.canceled() => {
                             Ok((stream, resp.watch_id()))
+                        }
+                        // A role without the namespace: retrying cannot help.
+                        Some(resp) if is_refusal(resp.cancel_reason()) => {
+                            Err(etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
+                                format!(
+                                    "{} (the role needs readwrite on the whole namespace prefix {:?})",
+                                    resp.cancel_reason(),
+                                    String::from_utf8_lossy(&anchor_for_error),
+                                ),
+                            )))
                         }
                         Some(resp) => Err(etcd_client::Error::WatchError(format!(
                             "watch refused: {}",
@@ -175,7 +187,7 @@ impl StreamTask {
                 });
                 Ok(())
             }
-            Err(err) => Err(err.to_string()),
+            Err(err) => Err(err),
         }
     }
 
@@ -224,9 +236,9 @@ impl StreamTask {
             return;
         }
         if self.stream.is_none() {
-            if let Err(reason) = self.open().await {
+            if let Err(err) = self.open().await {
                 for name in names {
-                    name.break_with(&reason);
+                    end(&name, &err);
                 }
                 return;
             }
@@ -265,8 +277,13 @@ impl StreamTask {
             };
             if resp.canceled() {
                 // Refused: a resumed watch whose revision was compacted
-                // starts over; anything else gives the name up.
-                self.cancelled(name, &resp).await;
+                // starts over; a permission refusal is retried once on a
+                // fresh stream; anything else gives the name up.
+                if resp.compact_revision() == 0 && is_refusal(resp.cancel_reason()) {
+                    self.refused(name, &resp);
+                } else {
+                    self.cancelled(name, &resp).await;
+                }
                 return;
             }
             if name.is_done() {
@@ -296,6 +313,31 @@ impl StreamTask {
             self.stats.server_watches.fetch_sub(1, Ordering::Relaxed);
             self.cancelled(name, &resp).await;
         }
+    }
+
+    /// etcd refused to create a name's watch. A stream is authorized with the
+    /// token it was opened with: once that token expired, etcd refuses new
+    /// watches on it although the client has a fresh token by now. So the
+    /// first refusal moves every name to a fresh stream; a refusal there too
+    /// stands (a role without the grant), and the name's waiters fail.
+    fn refused(&mut self, name: Arc<NameWatch>, resp: &WatchResponse) {
+        let reason = resp.cancel_reason();
+        if name.refused_once_more() > 1 {
+            tracing::debug!(
+                prefix = name.keys.prefix(),
+                reason,
+                "etcd refused the watch again"
+            );
+            name.refuse(reason);
+            return;
+        }
+        tracing::debug!(
+            prefix = name.keys.prefix(),
+            reason,
+            "etcd refused a watch; trying a fresh stream"
+        );
+        self.homeless.push(name);
+        self.stream_died("etcd refused a watch on it (an expired auth token?)");
     }
 
     /// etcd cancelled a name's watch (or refused to create it). When history
@@ -441,6 +483,21 @@ impl StreamTask {
                 .filter(|name| !name.is_done()),
         );
     }
+}
+
+/// Ends a name whose stream could not be opened: refused for good on a
+/// permission error, broken (its waiters subscribe again) otherwise.
+fn end(name: &NameWatch, err: &LockError) {
+    match err {
+        LockError::PermissionDenied { message, .. } => name.refuse(message),
+        other => name.break_with(&other.to_string()),
+    }
+}
+
+/// `true` for etcd's cancel reasons that deny access (a role without the
+/// grant, or a token no longer valid).
+fn is_refusal(reason: &str) -> bool {
+    reason.contains("permission denied") || reason.contains("auth token")
 }
 
 async fn sleep_until(at: Option<Instant>) {
