@@ -29,12 +29,12 @@ use std::time::Instant;
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
 };
 use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tracing::Instrument;
 
+use super::batch::{Answer, Failed, Write};
 use super::keys::NameKeys;
 use super::local::Claim;
 use super::release::OwnKey;
@@ -161,7 +161,7 @@ enum Put {
     /// Sent; its answer comes through this channel. Whoever reads it (the
     /// acquisition, or its drop) cleans up; if nobody does, the request's
     /// task does.
-    InFlight(oneshot::Receiver<Result<TxnResponse, LockError>>),
+    InFlight(oneshot::Receiver<Result<Answer, Failed>>),
     /// Sent without an answer: it may still be applied, later than any
     /// delete we send. The lease it carries must go: see [`uncertain`].
     Uncertain,
@@ -283,7 +283,7 @@ impl<'a> Acquisition<'a> {
         ));
         let txn = Txn::new().when(compares).and_then(then).or_else(otherwise);
         let resp = self.txn(txn).await?;
-        if !resp.succeeded() {
+        if !resp.succeeded {
             self.put = Put::Absent;
             return Err(self.contended(&resp));
         }
@@ -323,7 +323,7 @@ impl<'a> Acquisition<'a> {
                 Some(GetOptions::new().with_keys_only()),
             )]);
         let resp = self.txn(txn).await?;
-        if !resp.succeeded() {
+        if !resp.succeeded {
             self.put = Put::Absent;
             return Err(match own_key_in(&resp, &own_key) {
                 Some(revision) => Failure::Orphan {
@@ -438,18 +438,17 @@ impl<'a> Acquisition<'a> {
 
     /// Sends a txn that may put our key, tracking what became of the put.
     ///
-    /// The request runs in a task of its own and answers through a channel
-    /// kept in [`Put::InFlight`]: however this acquisition ends, whoever gets
-    /// the answer (this call, the acquisition's drop, or the task when nobody
-    /// is left to read it) cleans up after it.
-    async fn txn(&mut self, txn: Txn) -> Result<TxnResponse, LockError> {
+    /// The txn goes through the locker's [`Batcher`](super::batch::Batcher)
+    /// from a task of its own, and answers through a channel kept in
+    /// [`Put::InFlight`]: however this acquisition ends, whoever gets the
+    /// answer (this call, the acquisition's drop, or the task when nobody is
+    /// left to read it) cleans up after it.
+    async fn txn(&mut self, txn: Txn) -> Result<Answer, LockError> {
         let own = self.own()?.clone();
-        let mut kv = self.inner.client.kv_client();
-        let timeout = self
+        let deadline = self
             .setup_deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .min(self.inner.config.request_timeout);
-        if timeout < MIN_TXN_TIME {
+            .min(tokio::time::Instant::now() + self.inner.config.request_timeout);
+        if deadline.saturating_duration_since(tokio::time::Instant::now()) < MIN_TXN_TIME {
             // Not sent: nothing to clean up but our claim.
             return Err(LockError::Unavailable {
                 message: format!(
@@ -461,7 +460,12 @@ impl<'a> Acquisition<'a> {
         }
         let (reply, answer) = oneshot::channel();
         let request = async move {
-            let result = rpc::with_timeout(timeout, "txn", async move { kv.txn(txn).await }).await;
+            let name = Arc::clone(&own.prefix);
+            let result = own
+                .inner
+                .batcher
+                .write(name, Write::Txn(txn), deadline)
+                .await;
             if let Err(result) = reply.send(result) {
                 // Nobody is waiting: the acquisition was dropped.
                 abandoned(own, result);
@@ -476,18 +480,29 @@ impl<'a> Acquisition<'a> {
             return Err(missing("an answer"));
         };
         let result = answer.await.unwrap_or_else(|_| {
-            Err(LockError::Unavailable {
-                message: "the etcd request task stopped".into(),
-                source: None,
+            Err(Failed {
+                error: LockError::Unavailable {
+                    message: "the etcd request task stopped".into(),
+                    source: None,
+                },
+                maybe_applied: true,
             })
         });
-        self.put = match &result {
+        match result {
             // Callers correct this when the compare failed.
-            Ok(_) => Put::Applied,
-            Err(err) if rpc::certainly_not_applied(err) => Put::Absent,
-            Err(_) => Put::Uncertain,
-        };
-        result
+            Ok(answer) => {
+                self.put = Put::Applied;
+                Ok(answer)
+            }
+            Err(failed) => {
+                self.put = if failed.maybe_applied {
+                    Put::Uncertain
+                } else {
+                    Put::Absent
+                };
+                Err(failed.error)
+            }
+        }
     }
 
     fn granted(&mut self, token: i64) -> AttemptResult {
@@ -524,7 +539,7 @@ impl<'a> Acquisition<'a> {
 
     /// The failure of a try: an orphan of ours in the way, a mode conflict,
     /// or who holds the name.
-    fn contended(&self, resp: &TxnResponse) -> Failure {
+    fn contended(&self, resp: &Answer) -> Failure {
         let gets = get_responses(resp);
         let Some((own, holders)) = gets.split_last() else {
             return missing("the holder's key").into();
@@ -592,19 +607,17 @@ impl Drop for Acquisition<'_> {
 
 /// Cleans up after a put whose acquisition was dropped before it read the
 /// answer.
-fn abandoned(own: OwnKey, result: Result<TxnResponse, LockError>) {
+fn abandoned(own: OwnKey, result: Result<Answer, Failed>) {
     match result {
-        Ok(resp) if resp.succeeded() => own.delete_in_background(),
-        Ok(resp) => {
+        Ok(answer) if answer.succeeded => own.delete_in_background(),
+        Ok(answer) => {
             // Not applied. If our key was in the way, it is an orphan.
-            if let Some(revision) = own_key_in(&resp, own.key.as_bytes()) {
+            if let Some(revision) = own_key_in(&answer, own.key.as_bytes()) {
                 orphans::delete_in_background(&own.inner, own.key.as_bytes(), revision);
             }
             own.inner.local.remove(&own.prefix, own.slot);
         }
-        Err(err) if rpc::certainly_not_applied(&err) => {
-            own.inner.local.remove(&own.prefix, own.slot)
-        }
+        Err(failed) if !failed.maybe_applied => own.inner.local.remove(&own.prefix, own.slot),
         Err(_) => uncertain(own),
     }
 }
@@ -647,10 +660,11 @@ fn missing(what: &str) -> LockError {
     }
 }
 
-/// The fencing token of a txn that put our key: its revision. A reply
-/// without one is an error, never a grant.
-fn token_of(resp: &TxnResponse) -> Result<i64, LockError> {
-    revision_token(resp.header().map(|h| h.revision()))
+/// The fencing token of a txn that put our key: its revision (the
+/// batch's, when it went in one). A reply without one is an error, never a
+/// grant.
+fn token_of(answer: &Answer) -> Result<i64, LockError> {
+    revision_token(answer.revision)
 }
 
 fn revision_token(revision: Option<i64>) -> Result<i64, LockError> {
@@ -667,8 +681,8 @@ fn holders_of(count: Option<i64>) -> Result<i64, LockError> {
 }
 
 /// The create revision of `key` when the txn's last read found it.
-fn own_key_in(resp: &TxnResponse, key: &[u8]) -> Option<i64> {
-    get_responses(resp)
+fn own_key_in(answer: &Answer, key: &[u8]) -> Option<i64> {
+    get_responses(answer)
         .last()?
         .kvs()
         .iter()
@@ -676,9 +690,10 @@ fn own_key_in(resp: &TxnResponse, key: &[u8]) -> Option<i64> {
         .map(|kv| kv.create_revision())
 }
 
-fn get_responses(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
-    resp.op_responses()
-        .into_iter()
+fn get_responses(answer: &Answer) -> Vec<&etcd_client::GetResponse> {
+    answer
+        .responses
+        .iter()
         .filter_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,

@@ -29,6 +29,7 @@
 //! etcd 3.4.3). Use the fencing token where correctness depends on exclusion.
 
 mod acquire;
+mod batch;
 mod config;
 mod connect;
 mod keys;
@@ -85,6 +86,7 @@ pub struct EtcdLocker {
 pub(crate) struct Inner {
     client: etcd_client::Client,
     config: Config,
+    batcher: batch::Batcher,
     sessions: Sessions,
     watcher: Watcher,
     local: Arc<LocalKeys>,
@@ -115,6 +117,14 @@ pub struct Diagnostics {
     /// Keys whose put had an unknown outcome, checked for until their lease
     /// is gone.
     pub suspect_keys: usize,
+    /// etcd requests that carried the writes of two names or more (see
+    /// [`EtcdLockerBuilder::batching`]).
+    pub batches: u64,
+    /// Writes (acquisitions and releases) sent in those requests.
+    pub batched_writes: u64,
+    /// Batches etcd refused as a whole (a missing lease, too many
+    /// operations) and that were sent again, smaller.
+    pub batches_resent: u64,
 }
 
 impl EtcdLocker {
@@ -132,8 +142,11 @@ impl EtcdLocker {
         let settings = watcher::Settings::new(config.request_timeout, &config.namespace);
         let watcher = Watcher::new(client.clone(), settings);
         let local = Arc::new(LocalKeys::default());
+        let batcher =
+            batch::Batcher::new(client.kv_client(), config.request_timeout, config.batching);
         Self {
             inner: Arc::new(Inner {
+                batcher,
                 client,
                 config,
                 sessions: Sessions::new(Arc::clone(&local)),
@@ -192,6 +205,9 @@ impl EtcdLocker {
             leases: inner.sessions.count(),
             retired_slots: inner.local.retired_slots(),
             suspect_keys: inner.orphans.suspects(),
+            batches: inner.batcher.stats.batches.load(Ordering::Relaxed),
+            batched_writes: inner.batcher.stats.batched_writes.load(Ordering::Relaxed),
+            batches_resent: inner.batcher.stats.resent.load(Ordering::Relaxed),
         }
     }
 
@@ -241,6 +257,7 @@ impl EtcdLocker {
             .shut_down(&inner.client, inner.config.request_timeout)
             .await;
         inner.watcher.shut_down();
+        inner.batcher.shut_down();
         tracing::debug!(ok = revoked.is_ok(), "locker shut down");
         revoked
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::batch::Write;
 use super::rpc::{self, Hedge};
 use super::session::Session;
 use super::Inner;
@@ -35,13 +36,21 @@ impl OwnKey {
         if self.session.was_revoked() {
             return Ok(()); // the key went with its lease
         }
-        let kv = self.inner.client.kv_client();
+        let inner = Arc::clone(&self.inner);
         let result = rpc::hedged(
             Hedge::for_timeout(self.inner.config.request_timeout),
             "delete",
             || {
-                let (mut kv, key) = (kv.clone(), self.key.as_bytes().to_vec());
-                async move { kv.delete(key, None).await }
+                let (inner, name) = (Arc::clone(&inner), Arc::clone(&self.prefix));
+                let key = self.key.as_bytes().to_vec();
+                async move {
+                    let deadline = tokio::time::Instant::now() + inner.config.request_timeout;
+                    inner
+                        .batcher
+                        .write(name, Write::Delete(key), deadline)
+                        .await
+                        .map_err(|failed| failed.error)
+                }
             },
             |_| {},
         )

@@ -131,7 +131,7 @@ pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(400);
 /// lease, say) instead of being lost.
 ///
 /// Returns the value and how many attempts were started.
-pub(crate) async fn hedged<T, F, Fut>(
+pub(crate) async fn hedged<T, E, F, Fut>(
     hedge: Hedge,
     what: &'static str,
     mut attempt: F,
@@ -139,12 +139,13 @@ pub(crate) async fn hedged<T, F, Fut>(
 ) -> Result<(T, usize), LockError>
 where
     T: Send + 'static,
+    E: AttemptError,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
     let deadline = Instant::now() + hedge.budget;
     let late = Arc::new(late);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Result<T, etcd_client::Error>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<T, E>>();
     let mut started = 0;
     let mut running = 0;
     let mut backoff = RETRY_BACKOFF;
@@ -173,10 +174,10 @@ where
                 Some(Ok(value)) => return Ok((value, started)),
                 Some(Err(err)) => {
                     running -= 1;
-                    if !is_retryable(&err) {
-                        return Err(failed(what, err));
+                    if !err.retryable() {
+                        return Err(err.into_lock_error(what));
                     }
-                    tracing::debug!(error = %short(&err), "etcd {what} failed; retrying");
+                    tracing::debug!(error = %err.brief(), "etcd {what} failed; retrying");
                     last_error = Some(err);
                     if running == 0 {
                         // Nothing in flight: the next attempt after a backoff,
@@ -192,10 +193,45 @@ where
         }
         if Instant::now() >= deadline || (next_start.is_none() && running == 0) {
             return Err(match last_error {
-                Some(err) if running == 0 => failed(what, err),
+                Some(err) if running == 0 => err.into_lock_error(what),
                 _ => timed_out(what, hedge.budget),
             });
         }
+    }
+}
+
+/// The error of one attempt of a [`hedged`] request: raw from etcd-client,
+/// or already mapped.
+pub(crate) trait AttemptError: Send + 'static {
+    /// `false` when repeating the request cannot fix it.
+    fn retryable(&self) -> bool;
+    /// The error the call reports.
+    fn into_lock_error(self, what: &str) -> LockError;
+    /// A short text for the debug log.
+    fn brief(&self) -> String;
+}
+
+impl AttemptError for etcd_client::Error {
+    fn retryable(&self) -> bool {
+        is_retryable(self)
+    }
+    fn into_lock_error(self, what: &str) -> LockError {
+        failed(what, self)
+    }
+    fn brief(&self) -> String {
+        short(self)
+    }
+}
+
+impl AttemptError for LockError {
+    fn retryable(&self) -> bool {
+        !matches!(self, LockError::PermissionDenied { .. }) && !lock_error_is_permanent(self)
+    }
+    fn into_lock_error(self, _what: &str) -> LockError {
+        self
+    }
+    fn brief(&self) -> String {
+        self.summary()
     }
 }
 
