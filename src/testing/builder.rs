@@ -42,9 +42,17 @@ pub struct EtcdServerBuilder {
     client_cert_auth: bool,
     auth: bool,
     auth_token_ttl: Option<Duration>,
+    max_txn_ops: Option<u32>,
 }
 
 impl EtcdServerBuilder {
+    /// etcd's `--max-txn-ops`: the most operations one txn may hold (128 by
+    /// default), to test how a client copes with a lower limit.
+    pub fn max_txn_ops(mut self, ops: u32) -> Self {
+        self.max_txn_ops = Some(ops);
+        self
+    }
+
     /// Serves clients over TLS (`https://` endpoints) with a certificate
     /// signed by a CA made for this server ([`EtcdServer::certificates`]).
     /// Peers still talk plain HTTP.
@@ -98,6 +106,7 @@ impl EtcdServerBuilder {
             client_cert_auth: self.client_cert_auth,
             root: self.auth.then(|| Credentials::generate("root")),
             token_ttl_secs: self.auth_token_ttl.map(|ttl| ttl.as_secs().max(1)),
+            max_txn_ops: self.max_txn_ops,
         };
         EtcdServer::start_with(security).await
     }
@@ -112,6 +121,7 @@ pub(super) struct Security {
     client_cert_auth: bool,
     root: Option<Credentials>,
     token_ttl_secs: Option<u64>,
+    max_txn_ops: Option<u32>,
 }
 
 impl Security {
@@ -156,6 +166,10 @@ impl Security {
                 args.push("--auth-token-ttl".into());
                 args.push(ttl.to_string().into());
             }
+        }
+        if let Some(ops) = self.max_txn_ops {
+            args.push("--max-txn-ops".into());
+            args.push(ops.to_string().into());
         }
         Ok(args)
     }
