@@ -483,6 +483,108 @@ async fn in_process_per_request(mut app: Router, n: usize) -> Result<Duration, E
     Ok(started.elapsed() / n as u32)
 }
 
+// ---- 8. group commit ----
+
+/// CPU seconds the process `pid` used so far (user + system, from
+/// `/proc/<pid>/stat`); `None` where there is no such file.
+fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Lock cycles (try_acquire + release) on distinct names, `c` at a time.
+#[derive(Default)]
+struct Cycles {
+    cycles: u64,
+    elapsed: Duration,
+    acquire: Vec<Duration>,
+    etcd_cpu: Option<f64>,
+}
+
+impl Cycles {
+    fn per_sec(&self) -> f64 {
+        self.cycles as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn cpu_us_per_cycle(&self) -> Option<f64> {
+        self.etcd_cpu
+            .map(|cpu| (cpu / self.cycles.max(1) as f64 * 1e6 * 10.0).round() / 10.0)
+    }
+
+    fn add(&mut self, other: Cycles) {
+        self.cycles += other.cycles;
+        self.elapsed += other.elapsed;
+        self.acquire.extend(other.acquire);
+        self.etcd_cpu = match (self.etcd_cpu, other.etcd_cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+async fn cycles(
+    locker: &EtcdLocker,
+    c: usize,
+    secs: Duration,
+    etcd_pid: Option<u32>,
+) -> Result<Cycles, Error> {
+    let count = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let cpu0 = cpu_secs(etcd_pid);
+    let started = Instant::now();
+    let end = started + secs;
+    let mut tasks = Vec::new();
+    for w in 0..c {
+        let (locker, count, latencies) =
+            (locker.clone(), Arc::clone(&count), Arc::clone(&latencies));
+        tasks.push(tokio::spawn(async move {
+            let name = LockName::new(format!("cycle-{w}"))?;
+            let mut mine = Vec::new();
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let guard = locker.try_acquire(&name).await?;
+                mine.push(t0.elapsed());
+                guard.release().await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            latencies.lock().unwrap().extend(mine);
+            Ok::<(), Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed();
+    let cpu1 = cpu_secs(etcd_pid);
+    let acquire = std::mem::take(&mut *latencies.lock().unwrap());
+    Ok(Cycles {
+        cycles: count.load(Ordering::Relaxed),
+        elapsed,
+        acquire,
+        etcd_cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
+    })
+}
+
+fn x(a: f64, b: f64) -> f64 {
+    (a / b.max(1e-9) * 100.0).round() / 100.0
+}
+
 // ---- 6. scale ----
 
 async fn metric(endpoint: &str, name: &str) -> Option<f64> {
@@ -834,6 +936,166 @@ async fn run() -> Result<(), Error> {
             "memory_locker_met": overhead_us < 5.0,
         }),
     );
+
+    // 8 (issue 10). Group commit: batched vs unbatched lockers, interleaved.
+    let etcd_pid = etcd.member_ref().pid();
+    let batched = locker(client(&etcd).await?, "bench-batched/", 30)?;
+    let unbatched = EtcdLocker::builder(client(&etcd).await?)
+        .namespace("bench-unbatched/")
+        .ttl(Duration::from_secs(30))
+        .batching(false)
+        .build()?;
+    batched.ensure_lease().await?;
+    unbatched.ensure_lease().await?;
+    let mut group = BTreeMap::new();
+    for c in [1usize, 8, 64, 256] {
+        let (mut on, mut off) = (Cycles::default(), Cycles::default());
+        // Alternating halves share the machine's drift fairly.
+        for _ in 0..2 {
+            on.add(cycles(&batched, c, secs / 2, etcd_pid).await?);
+            off.add(cycles(&unbatched, c, secs / 2, etcd_pid).await?);
+        }
+        let (on_lat, off_lat) = (
+            Stats::of(std::mem::take(&mut on.acquire)),
+            Stats::of(std::mem::take(&mut off.acquire)),
+        );
+        let speedup = x(on.per_sec(), off.per_sec());
+        let p50 = ratio(on_lat.median, off_lat.median);
+        let target = match c {
+            64 => 2.5,
+            256 => 3.5,
+            _ => 0.95,
+        };
+        let met = speedup >= target && (c != 1 || p50 <= 1.05);
+        report.row(
+            format!("8a. engine C={c}, distinct names: batched / unbatched"),
+            format!(
+                "{:.0} / {:.0} cycles/s = {speedup}x; acquire p50 {:.2}/{:.2} ms, p99 {:.2}/{:.2} ms; etcd CPU {}/{} us/cycle",
+                on.per_sec(),
+                off.per_sec(),
+                ms(on_lat.median),
+                ms(off_lat.median),
+                ms(on_lat.p99),
+                ms(off_lat.p99),
+                on.cpu_us_per_cycle().map_or("?".into(), |v| format!("{v:.0}")),
+                off.cpu_us_per_cycle().map_or("?".into(), |v| format!("{v:.0}")),
+            ),
+            if c == 1 {
+                format!(">= 0.95x, p50 <= 1.05x ({p50}x) {}", verdict(met))
+            } else {
+                format!(">= {target}x {}", verdict(met))
+            },
+        );
+        group.insert(
+            format!("engine_c{c}"),
+            json!({
+                "batched_cycles_per_sec": on.per_sec().round(),
+                "unbatched_cycles_per_sec": off.per_sec().round(),
+                "speedup": speedup,
+                "target": target,
+                "acquire_batched": on_lat.json(),
+                "acquire_unbatched": off_lat.json(),
+                "p50_ratio": p50,
+                "etcd_cpu_us_per_cycle_batched": on.cpu_us_per_cycle(),
+                "etcd_cpu_us_per_cycle_unbatched": off.cpu_us_per_cycle(),
+                "met": met,
+            }),
+        );
+    }
+    // 8b. HTTP through the layer, c=64 distinct tenants, batched vs unbatched.
+    let (mut on_rps, mut off_rps, mut on_p99, mut off_p99, mut non_200) =
+        (0.0, 0.0, Duration::ZERO, Duration::ZERO, 0);
+    let on_app = app().route_layer(LockLayer::new(batched.clone(), Key::path_param("tenant")?));
+    let off_app = app().route_layer(LockLayer::new(
+        unbatched.clone(),
+        Key::path_param("tenant")?,
+    ));
+    let (on_base, off_base) = (serve(on_app).await?, serve(off_app).await?);
+    for _ in 0..2 {
+        let on = drive(on_base.clone(), 64, false, secs / 2).await?;
+        let off = drive(off_base.clone(), 64, false, secs / 2).await?;
+        on_rps += on.rps / 2.0;
+        off_rps += off.rps / 2.0;
+        on_p99 = on_p99.max(on.p99);
+        off_p99 = off_p99.max(off.p99);
+        non_200 += on.other + off.other;
+    }
+    let to_bound = x(on_rps, bound);
+    let to_off = x(on_rps, off_rps);
+    let http_met = to_bound >= 1.0 && to_off >= 2.0;
+    report.row(
+        "8b. HTTP c=64 distinct tenants: batched / unbatched layer",
+        format!(
+            "{on_rps:.0} / {off_rps:.0} req/s = {to_off}x; p99 {:.1}/{:.1} ms; {non_200} non-200",
+            ms(on_p99),
+            ms(off_p99)
+        ),
+        format!(
+            ">= 1.0x (etcd {writes:.0} w/s / 2): {to_bound}x; >= 2x unbatched {}",
+            verdict(http_met)
+        ),
+    );
+    group.insert(
+        "http_c64".into(),
+        json!({
+            "batched_rps": on_rps.round(), "unbatched_rps": off_rps.round(),
+            "ratio_to_unbatched": to_off, "ratio_to_bound": to_bound, "bound": bound.round(),
+            "batched_p99_ms": ms(on_p99), "unbatched_p99_ms": ms(off_p99),
+            "non_200": non_200, "met": http_met,
+        }),
+    );
+    // 8c. One contended name, C=8: batching must not slow the handoff.
+    // Fresh lockers both ways (the same age), alternating quarters.
+    let (mut batched_contenders, mut unbatched_contenders) = (Vec::new(), Vec::new());
+    for batching in [true, false] {
+        for _ in 0..8 {
+            let l = EtcdLocker::builder(client(&etcd).await?)
+                .namespace("bench-8c/")
+                .ttl(Duration::from_secs(30))
+                .batching(batching)
+                .build()?;
+            l.ensure_lease().await?;
+            let contender = Contender::Ours(l, LockMode::Exclusive);
+            if batching {
+                batched_contenders.push(contender);
+            } else {
+                unbatched_contenders.push(contender);
+            }
+        }
+    }
+    for (shape, rounds) in [("loop", false), ("rounds", true)] {
+        let (mut on, mut off) = (0.0, 0.0);
+        for _ in 0..4 {
+            on += contend(batched_contenders.clone(), rounds, secs / 4)
+                .await?
+                .acquisitions_per_sec
+                / 4.0;
+            off += contend(unbatched_contenders.clone(), rounds, secs / 4)
+                .await?
+                .acquisitions_per_sec
+                / 4.0;
+        }
+        let r = x(on, off);
+        report.row(
+            format!("8c. contended C=8 {shape}: batched / unbatched"),
+            format!("{on:.0} / {off:.0} acq/s = {r}x"),
+            format!(">= 0.95x {}", verdict(r >= 0.95)),
+        );
+        group.insert(
+            format!("contended_c8_{shape}"),
+            json!({ "batched": on.round(), "unbatched": off.round(), "ratio": r, "target": 0.95, "met": r >= 0.95 }),
+        );
+    }
+    let d = batched.diagnostics();
+    group.insert(
+        "batched_locker".into(),
+        json!({ "batches": d.batches, "batched_writes": d.batched_writes, "resent": d.batches_resent }),
+    );
+    report.json.insert(
+        "8_group_commit".into(),
+        Value::Object(group.into_iter().collect()),
+    );
+    drop((batched, unbatched, batched_contenders, unbatched_contenders));
 
     // 6. Scale, with every other locker gone (their leases would count too).
     drop((a, b, ours, go, http_locker));

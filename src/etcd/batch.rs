@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{KvClient, Txn, TxnOp, TxnOpResponse, TxnResponse};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use super::rpc;
@@ -123,6 +123,39 @@ pub(crate) struct BatchStats {
     pub(crate) resent: AtomicU64,
 }
 
+/// The batches in flight, shared by the driver and by writers that find
+/// the batcher idle (they send at once, from their own task).
+#[derive(Default)]
+struct Slots {
+    in_flight: AtomicUsize,
+    /// Writes handed to the driver and not yet sent or withdrawn.
+    queued: AtomicUsize,
+    /// Woken when a batch in flight ends.
+    freed: Notify,
+}
+
+impl Slots {
+    /// Takes a slot if one is free.
+    fn take(self: &Arc<Self>) -> Option<SlotGuard> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlotGuard(Arc::clone(self)))
+    }
+}
+
+/// A slot in use; given back (and the driver woken) when dropped.
+struct SlotGuard(Arc<Slots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
 /// Sends a locker's lock writes, batched or one request each.
 pub(crate) struct Batcher {
     kv: KvClient,
@@ -135,6 +168,7 @@ pub(crate) struct Batcher {
     closed: std::sync::atomic::AtomicBool,
     /// The most ops per batch: lowered when etcd refuses a batch as too big.
     max_ops: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
     pub(crate) stats: Arc<BatchStats>,
 }
 
@@ -147,6 +181,7 @@ impl Batcher {
             closed: std::sync::atomic::AtomicBool::new(false),
             batching,
             max_ops: Arc::new(AtomicUsize::new(MAX_OPS)),
+            slots: Arc::new(Slots::default()),
             stats: Arc::new(BatchStats::default()),
         }
     }
@@ -170,6 +205,13 @@ impl Batcher {
             let timeout = deadline.saturating_duration_since(Instant::now());
             return send_alone(self.kv.clone(), write, timeout).await;
         }
+        // Idle (a slot free, nobody queued): sent at once, from here.
+        if self.slots.queued.load(Ordering::Acquire) == 0 {
+            if let Some(_slot) = self.slots.take() {
+                let timeout = deadline.saturating_duration_since(Instant::now());
+                return send_alone(self.kv.clone(), write, timeout).await;
+            }
+        }
         let state = Arc::new(AtomicU8::new(QUEUED));
         let (reply, answer) = oneshot::channel();
         let op = Op {
@@ -178,7 +220,9 @@ impl Batcher {
             state: Arc::clone(&state),
             reply,
         };
+        self.slots.queued.fetch_add(1, Ordering::AcqRel);
         if self.inbox().send(op).is_err() {
+            self.slots.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(Failed {
                 error: unavailable("the batch task stopped"),
                 maybe_applied: false,
@@ -222,6 +266,7 @@ impl Batcher {
                     kv: self.kv.clone(),
                     request_timeout: self.request_timeout,
                     max_ops: Arc::clone(&self.max_ops),
+                    slots: Arc::clone(&self.slots),
                     stats: Arc::clone(&self.stats),
                 };
                 tokio::spawn(driver.run(rx));
@@ -260,14 +305,13 @@ struct Driver {
     kv: KvClient,
     request_timeout: Duration,
     max_ops: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
     stats: Arc<BatchStats>,
 }
 
 impl Driver {
     async fn run(self, mut inbox: mpsc::UnboundedReceiver<Op>) {
         let mut queue: VecDeque<Op> = VecDeque::new();
-        let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
-        let mut in_flight = 0;
         let mut open = true;
         loop {
             tokio::select! {
@@ -275,24 +319,26 @@ impl Driver {
                     Some(op) => queue.push_back(op),
                     None => open = false,
                 },
-                Some(()) = done.recv() => in_flight -= 1,
+                () = self.slots.freed.notified() => {}
             }
             while let Ok(op) = inbox.try_recv() {
                 queue.push_back(op);
             }
-            while in_flight < IN_FLIGHT {
+            while !queue.is_empty() {
+                let Some(slot) = self.slots.take() else {
+                    break; // sent when a batch in flight ends
+                };
                 let batch = self.take_batch(&mut queue);
                 if batch.is_empty() {
-                    break;
+                    break; // the slot goes back with `slot`
                 }
-                in_flight += 1;
-                let (sender, done_tx) = (self.sender(), done_tx.clone());
+                let sender = self.sender();
                 tokio::spawn(async move {
                     sender.send(batch).await;
-                    let _ = done_tx.send(());
+                    drop(slot);
                 });
             }
-            if !open && queue.is_empty() && in_flight == 0 {
+            if !open && queue.is_empty() && self.slots.in_flight.load(Ordering::Acquire) == 0 {
                 return;
             }
         }
@@ -319,6 +365,7 @@ impl Driver {
                 rest.push_back(op);
                 continue;
             }
+            self.slots.queued.fetch_sub(1, Ordering::AcqRel);
             let taken = op
                 .state
                 .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
