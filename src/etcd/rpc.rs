@@ -90,6 +90,11 @@ pub(crate) struct Hedge {
     /// Start another attempt beside the running ones when none answered for
     /// this long.
     pub(crate) after: Duration,
+    /// Run the first attempt in the caller's task until the hedge delay
+    /// (no task, no channel: the usual case); it moves into a task of its
+    /// own only when a sibling is started. Off when a late success must
+    /// reach `late` even if the caller is dropped meanwhile.
+    pub(crate) inline_first: bool,
 }
 
 impl Hedge {
@@ -100,6 +105,16 @@ impl Hedge {
         Self {
             budget: request_timeout,
             after: (request_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            inline_first: true,
+        }
+    }
+
+    /// Every attempt in a task of its own, so that a success arriving after
+    /// the caller was dropped still reaches `late`.
+    pub(crate) fn every_attempt_in_a_task(self) -> Self {
+        Self {
+            inline_first: false,
+            ..self
         }
     }
 
@@ -131,17 +146,18 @@ pub(crate) const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(400);
 /// lease, say) instead of being lost.
 ///
 /// Returns the value and how many attempts were started.
-pub(crate) async fn hedged<T, E, F, Fut>(
+pub(crate) async fn hedged<T, E, F, Fut, L>(
     hedge: Hedge,
     what: &'static str,
     mut attempt: F,
-    late: impl Fn(T) + Send + Sync + 'static,
+    late: L,
 ) -> Result<(T, usize), LockError>
 where
     T: Send + 'static,
     E: AttemptError,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
+    L: Fn(T) + Send + Sync + 'static,
 {
     let deadline = Instant::now() + hedge.budget;
     let late = Arc::new(late);
@@ -151,21 +167,46 @@ where
     let mut backoff = RETRY_BACKOFF;
     let mut next_start = Some(Instant::now());
     let mut last_error = None;
+    // Moves a (possibly half-run) attempt into a task that reports to `rx`.
+    let run_in_task = |request: std::pin::Pin<Box<Fut>>,
+                       late: Arc<L>,
+                       tx: mpsc::UnboundedSender<Result<T, E>>| {
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout_at(deadline, request).await {
+                Ok(result) => result,
+                Err(_) => return, // the caller reports the timeout
+            };
+            if let Err(mpsc::error::SendError(Ok(value))) = tx.send(result) {
+                late(value);
+            }
+        });
+    };
+    if hedge.inline_first {
+        let mut first = Box::pin(attempt());
+        started = 1;
+        let hedge_at = (Instant::now() + hedge.after).min(deadline);
+        match tokio::time::timeout_at(hedge_at, &mut first).await {
+            Ok(Ok(value)) => return Ok((value, started)),
+            Ok(Err(err)) if !err.retryable() => return Err(err.into_lock_error(what)),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err.brief(), "etcd {what} failed; retrying");
+                last_error = Some(err);
+                next_start = Some(Instant::now() + backoff).filter(|at| *at < deadline);
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+            Err(_) => {
+                // Slow: it goes on in a task, and a sibling starts now.
+                running = 1;
+                run_in_task(first, Arc::clone(&late), tx.clone());
+            }
+        }
+    }
     loop {
         if next_start.is_some_and(|at| at <= Instant::now()) {
-            let request = attempt();
-            let (tx, late) = (tx.clone(), Arc::clone(&late));
+            let request = Box::pin(attempt());
             started += 1;
             running += 1;
-            tokio::spawn(async move {
-                let result = match tokio::time::timeout_at(deadline, request).await {
-                    Ok(result) => result,
-                    Err(_) => return, // the caller reports the timeout
-                };
-                if let Err(mpsc::error::SendError(Ok(value))) = tx.send(result) {
-                    late(value);
-                }
-            });
+            run_in_task(request, Arc::clone(&late), tx.clone());
             next_start = Some(Instant::now() + hedge.after).filter(|at| *at < deadline);
         }
         let wake = next_start.map_or(deadline, |at| at.min(deadline));

@@ -274,7 +274,10 @@ impl Sessions {
             }
         };
         let ((granted, sent), _) = rpc::hedged(
-            Hedge::for_timeout(config.request_timeout).within(budget),
+            // A grant that answers after we gave up must still be revoked.
+            Hedge::for_timeout(config.request_timeout)
+                .within(budget)
+                .every_attempt_in_a_task(),
             "lease grant",
             || {
                 let mut leases = leases.clone();
