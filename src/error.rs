@@ -10,7 +10,7 @@ use crate::{InvalidName, LockMode, LockName};
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// What is known of the current holder of a contended name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Holder {
     /// The holder's fencing token (etcd: its key's create revision), if known.
@@ -117,6 +117,16 @@ pub enum LockError {
         /// The mode found in use.
         theirs: LockMode,
     },
+    /// The backend cannot lock in this mode: lease stores without watches
+    /// (Azure blob leases, DynamoDB) hold exclusive locks only. A server
+    /// misconfiguration: the layer answers 500.
+    #[error("the {backend} backend holds exclusive locks only, not {mode}")]
+    UnsupportedMode {
+        /// The backend's name.
+        backend: &'static str,
+        /// The mode asked for.
+        mode: LockMode,
+    },
 }
 
 impl LockError {
@@ -140,7 +150,10 @@ impl LockError {
             | Self::Timeout { name, .. }
             | Self::Lost { name, .. }
             | Self::ModeConflict { name, .. } => Some(name),
-            Self::InvalidName(_) | Self::Unavailable { .. } | Self::PermissionDenied { .. } => None,
+            Self::InvalidName(_)
+            | Self::Unavailable { .. }
+            | Self::PermissionDenied { .. }
+            | Self::UnsupportedMode { .. } => None,
         }
     }
 
@@ -179,6 +192,7 @@ impl LockError {
             Self::PermissionDenied { .. } => "permission_denied",
             Self::Lost { .. } => "lost",
             Self::ModeConflict { .. } => "mode_conflict",
+            Self::UnsupportedMode { .. } => "unsupported_mode",
         }
     }
 }

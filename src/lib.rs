@@ -11,6 +11,7 @@ mod memory;
 pub mod metrics;
 mod mode;
 mod name;
+pub mod store;
 mod trace;
 
 #[cfg(feature = "axum")]
