@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::config::{BusyWait, LeaseTiming, StoreConfigError};
 use super::renewal::{self, Holds, Renewer};
 use super::waiting::{self, Queues};
-use super::{LeaseStore, StoreError, Take};
+use super::{Busy, LeaseStore, StoreError, Take};
 use crate::guard::{BoxFuture, LockInfo, Release};
 use crate::{metrics, trace, Holder, LockError, LockGuard, LockMode, LockName, Locker, Wait};
 
@@ -44,6 +44,7 @@ pub(crate) struct Shared<S: LeaseStore> {
     closing: AtomicBool,
     renewal: Mutex<Option<Arc<Notify>>>,
     requests: AtomicU64,
+    observes: AtomicU64,
     this: Weak<Shared<S>>,
 }
 
@@ -55,8 +56,10 @@ pub struct StoreDiagnostics {
     pub held: usize,
     /// Names this locker's waiters wait for (one poller each).
     pub waiting_names: usize,
-    /// Store requests sent so far to take a name (tries and polls).
+    /// Takes sent so far (tries, and polls that found the name free).
     pub take_requests: u64,
+    /// Reads sent so far by waiting polls ([`LeaseStore::observe`]).
+    pub observe_requests: u64,
 }
 
 pub(crate) fn shut_down() -> LockError {
@@ -85,6 +88,7 @@ impl<S: LeaseStore> StoreLocker<S> {
             closing: AtomicBool::new(false),
             renewal: Mutex::new(None),
             requests: AtomicU64::new(0),
+            observes: AtomicU64::new(0),
             this: this.clone(),
         });
         Ok(Self { shared })
@@ -106,6 +110,7 @@ impl<S: LeaseStore> StoreLocker<S> {
             held: self.shared.holds.len(),
             waiting_names: self.shared.queues.len(),
             take_requests: self.shared.requests.load(Ordering::Relaxed),
+            observe_requests: self.shared.observes.load(Ordering::Relaxed),
         }
     }
 
@@ -184,6 +189,10 @@ impl<S: LeaseStore> Shared<S> {
 
     pub(crate) fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_observe(&self) {
+        self.observes.fetch_add(1, Ordering::Relaxed);
     }
 
     fn renewer(&self) -> Renewer<S> {
@@ -276,7 +285,7 @@ impl<S: LeaseStore> Shared<S> {
             Ok(Ok(Take::Taken { token })) => {
                 Ok(self.guard(name, hold, token, sent, started.elapsed()))
             }
-            Ok(Ok(Take::Busy { holder, .. })) => Err(LockError::Locked {
+            Ok(Ok(Take::Busy(Busy { holder, .. }))) => Err(LockError::Locked {
                 name: name.clone(),
                 holder,
             }),

@@ -67,7 +67,8 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// A fresh hold identity for one acquisition.
     fn new_hold(&self) -> Self::Hold;
 
-    /// Takes `name` with `hold` if it is free. `stale`: the holder seen
+    /// Takes `name` with `hold` if it is free: one request (a try costs
+    /// exactly that). `stale`: the holder seen
     /// before, unchanged for a whole lease on this process's clock; a store
     /// that does not expire leases itself takes over from it (conditioned
     /// on it being still the same).
@@ -77,6 +78,15 @@ pub trait LeaseStore: Send + Sync + 'static {
         hold: &Self::Hold,
         stale: Option<&Self::Seen>,
     ) -> impl Future<Output = Result<Take<Self::Seen>, StoreError>> + Send;
+
+    /// Looks at `name` without taking it: what a waiting poll sends first,
+    /// so that a busy name costs one read per poll and a free one a read
+    /// and a take. A store without a cheap read returns [`Observed::Free`]
+    /// (every poll is then a take).
+    fn observe(
+        &self,
+        name: &LockName,
+    ) -> impl Future<Output = Result<Observed<Self::Seen>, StoreError>> + Send;
 
     /// Renews `hold`, returning the hold to use from now on (the same, or a
     /// new record version). [`StoreError::Gone`] when the store says the
@@ -106,17 +116,42 @@ pub enum Take<S> {
         token: u64,
     },
     /// Held by someone else.
-    Busy {
-        /// What was seen of the holder, to tell a change of hands; `None`
-        /// when the store cannot tell.
-        seen: Option<S>,
-        /// What is known of the holder, for [`LockError::Locked`](crate::LockError::Locked).
-        holder: Option<Holder>,
-        /// For stores without expiry: the holder may be taken over once
-        /// `seen` stayed the same this long (its lease); `None` when the
-        /// store expires leases itself.
-        stale_after: Option<Duration>,
-    },
+    Busy(Busy<S>),
+}
+
+/// What a poll saw of a name without taking it ([`LeaseStore::observe`]).
+#[derive(Debug, Clone)]
+pub enum Observed<S> {
+    /// Nobody holds it, its lease ran out, or the store cannot tell without
+    /// trying: take it.
+    Free,
+    /// Held by someone: no take is sent.
+    Held(Busy<S>),
+}
+
+/// What is known of the holder of a busy name.
+#[derive(Debug, Clone)]
+pub struct Busy<S> {
+    /// What was seen of the holder, to tell a change of hands (which starts
+    /// the backoff over); `None` when the store cannot tell.
+    pub seen: Option<S>,
+    /// What is known of the holder, for [`LockError::Locked`](crate::LockError::Locked).
+    pub holder: Option<Holder>,
+    /// For stores without expiry: the holder may be taken over once `seen`
+    /// stayed the same this long (its lease) on this process's clock; `None`
+    /// when the store expires leases itself.
+    pub stale_after: Option<Duration>,
+}
+
+impl<S> Busy<S> {
+    /// A busy name of which nothing more is known.
+    pub fn unknown() -> Self {
+        Self {
+            seen: None,
+            holder: None,
+            stale_after: None,
+        }
+    }
 }
 
 /// Why a store call failed.

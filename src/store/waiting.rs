@@ -9,7 +9,7 @@
 //! It ends when nobody waits any more.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::backoff::Backoff;
 use super::locker::Shared;
-use super::{LeaseStore, StoreError, Take};
+use super::{Busy, LeaseStore, Observed, StoreError, Take};
 use crate::{LockError, LockGuard, LockName};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,34 +207,49 @@ pub(crate) async fn poll<S: LeaseStore>(shared: Weak<Shared<S>>, name: LockName)
             .as_ref()
             .filter(|(_, since, after)| after.is_some_and(|after| since.elapsed() >= after))
             .map(|(seen, ..)| seen.clone());
-        let sent = Instant::now();
-        let outcome = tokio::time::timeout(
-            request_timeout,
-            shared.store.take(&name, &hold, stale.as_ref()),
-        )
+        // A read first (unless taking over a stale holder): a busy name
+        // costs one read per poll. `sent` is when the take went out, the
+        // start of its lease.
+        let sent = OnceLock::new();
+        let outcome = tokio::time::timeout(request_timeout, async {
+            if stale.is_none() {
+                let observed = shared.store.observe(&name).await;
+                shared.count_observe();
+                if let Observed::Held(busy) = observed? {
+                    return Ok(Take::Busy(busy));
+                }
+            }
+            let _ = sent.set(Instant::now());
+            let taken = shared.store.take(&name, &hold, stale.as_ref()).await;
+            shared.count_request();
+            taken
+        })
         .await;
-        shared.count_request();
+        let sent = sent.get().copied();
         let pause = match outcome {
             Ok(Ok(Take::Taken { token })) => {
                 seen = None;
                 backoff.reset();
+                let sent = sent.unwrap_or_else(Instant::now);
                 let guard = shared.guard(&name, hold, token, sent, sent.elapsed());
                 if let Some(unwanted) = queue.hand_over(Ok(guard)) {
                     drop(unwanted); // nobody waits any more: released
                 }
                 continue;
             }
-            Ok(Ok(Take::Busy {
+            Ok(Ok(Take::Busy(Busy {
                 seen: now,
                 stale_after,
                 ..
-            })) => {
+            }))) => {
                 match (&seen, now) {
                     (Some((before, ..)), Some(now)) if *before == now => {}
-                    (_, now) => {
+                    // The store cannot tell: the ceiling keeps growing.
+                    (_, None) => {}
+                    (_, Some(now)) => {
                         // Changed hands (or first seen): start over.
                         backoff.reset();
-                        seen = now.map(|now| (now, Instant::now(), stale_after));
+                        seen = Some((now, Instant::now(), stale_after));
                     }
                 }
                 backoff.next_pause()
@@ -249,12 +264,16 @@ pub(crate) async fn poll<S: LeaseStore>(shared: Weak<Shared<S>>, name: LockName)
             }
             Ok(Err(err)) => {
                 tracing::debug!(lock.name = %name, error = %err, "poll failed");
-                shared.give_back_uncertain(&name, hold);
+                if sent.is_some() {
+                    shared.give_back_uncertain(&name, hold);
+                }
                 backoff.next_pause()
             }
             Err(_) => {
                 tracing::debug!(lock.name = %name, "poll did not answer in time");
-                shared.give_back_uncertain(&name, hold);
+                if sent.is_some() {
+                    shared.give_back_uncertain(&name, hold);
+                }
                 backoff.next_pause()
             }
         };

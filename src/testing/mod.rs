@@ -13,6 +13,12 @@
 //!   process: it passes traffic, blackholes it (accepts and holds, never
 //!   answers, never resets), or cuts its connections, to test partitions
 //!   without root or new processes.
+//! - [`Azurite`] (feature `azure` too) runs Azurite's blob service and
+//!   [`Dynalite`] (feature `dynamodb` too) runs dynalite, the emulators of
+//!   the Azure blob lease and DynamoDB backends, on free loopback ports with
+//!   in-memory storage, killed when dropped; they hand out SDK clients set
+//!   up for them. Install them with `scripts/ensure-emulators.sh` (npm), or
+//!   name the programs with `$TLL_AZURITE_BIN` and `$TLL_DYNALITE_BIN`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,14 +33,26 @@
 //! ```
 
 mod auth;
+#[cfg(feature = "azure")]
+mod azurite;
 mod builder;
+#[cfg(feature = "dynamodb")]
+mod dynalite;
+#[cfg(any(feature = "azure", feature = "dynamodb"))]
+mod emulator;
 mod etcd;
 mod proxy;
 #[cfg(feature = "tls")]
 mod tls;
 
 pub use auth::Credentials;
+#[cfg(feature = "azure")]
+#[cfg_attr(docsrs, doc(cfg(feature = "azure")))]
+pub use azurite::Azurite;
 pub use builder::EtcdServerBuilder;
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub use dynalite::Dynalite;
 pub use etcd::{free_port, EtcdCluster, EtcdMember, EtcdServer, DATA_DIR_PREFIX};
 pub use proxy::{ProxyMode, TcpProxy};
 #[cfg(feature = "tls")]
