@@ -61,6 +61,17 @@ pub enum InvalidName {
     /// The name is not UTF-8 (for names taken from raw bytes such as headers).
     #[error("lock name is not valid UTF-8")]
     NotUtf8,
+    /// The name's key in the backend would be longer than the backend
+    /// allows (an Azure blob name, for example, has at most 1024 characters).
+    #[error("lock name encodes to a {backend} key of {len} characters, the limit is {max}")]
+    TooLongForBackend {
+        /// The backend's name.
+        backend: &'static str,
+        /// The length of the key the name would have.
+        len: usize,
+        /// The backend's limit.
+        max: usize,
+    },
 }
 
 impl LockName {

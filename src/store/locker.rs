@@ -434,6 +434,7 @@ impl<S: LeaseStore> Locker for StoreLocker<S> {
             if self.shared.is_closing() {
                 return Err(shut_down());
             }
+            self.shared.store.check_name(name)?;
             match wait.normalized() {
                 Wait::Try => self.shared.try_once(name, started).await,
                 Wait::Timeout(timeout) => self.shared.wait(name, timeout, started).await,

@@ -44,7 +44,7 @@ use std::time::Duration;
 pub use config::{BusyWait, LeaseTiming, StoreConfigError};
 pub use locker::{StoreDiagnostics, StoreLocker};
 
-use crate::{BoxError, Holder, LockName};
+use crate::{BoxError, Holder, InvalidName, LockName};
 
 /// A store of per-lock leases: what a backend implements.
 ///
@@ -66,6 +66,13 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// A fresh hold identity for one acquisition.
     fn new_hold(&self) -> Self::Hold;
+
+    /// Refuses a name this store cannot hold (too long for its keys, say),
+    /// before any request. The default accepts every [`LockName`].
+    fn check_name(&self, name: &LockName) -> Result<(), InvalidName> {
+        let _ = name;
+        Ok(())
+    }
 
     /// Takes `name` with `hold` if it is free: one request (a try costs
     /// exactly that). `stale`: the holder seen
