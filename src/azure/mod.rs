@@ -14,7 +14,7 @@
 //! | Loss detection | a renewal the service refuses (broken lease, another holder), and a local deadline: the lease's duration minus a margin, timed from when the last successful renewal was *sent* (an expired lease nobody took can still be renewed, so success alone proves nothing) |
 //! | A crashed holder | the name is free when its lease expires (at most the lease duration); never with [`infinite_lease`](AzureBlobLockerBuilder::infinite_lease) until broken |
 //! | Waiting | one poller per name per locker, reading the blob's lease state (a `HEAD`) and acquiring only when it is free; a jittered pause of 250 ms-1 s that starts over when the name changes hands; this locker's waiters in FIFO order behind it |
-//! | Modes | exclusive only: shared locks and permits are refused with [`LockError::UnsupportedMode`](crate::LockError::UnsupportedMode) |
+//! | Modes | exclusive only: shared locks and permits are refused with [`LockError::UnsupportedMode`] |
 //!
 //! # Blobs
 //!
