@@ -39,7 +39,7 @@
 //! over while it still believes it holds the lock (its `lost()` fires when
 //! it wakes, after the fact). Exclusive locks only:
 //! [`LockMode::Shared`](crate::LockMode) and permits fail with
-//! [`LockError::UnsupportedMode`](crate::LockError::UnsupportedMode).
+//! [`LockError::UnsupportedMode`].
 //!
 //! **Item layout** (one item per lock name; attribute names are passed as
 //! expression attribute names, so reserved words are no problem):
@@ -59,10 +59,10 @@
 //!
 //! **Errors.** A missing table, missing permissions, bad credentials and
 //! validation errors are refusals:
-//! [`LockError::PermissionDenied`](crate::LockError::PermissionDenied), the
+//! [`LockError::PermissionDenied`], the
 //! message naming the table. Throttling, 5xx answers, timeouts and
 //! connection failures are
-//! [`LockError::Unavailable`](crate::LockError::Unavailable); the SDK retries
+//! [`LockError::Unavailable`]; the SDK retries
 //! them (throttling included) with backoff, within the
 //! [request timeout](DynamoDbLockerBuilder::request_timeout). A failed
 //! condition is never retried: it is an answer.

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use super::store::DynamoDbStore;
 
-/// How long [`ensure_table`] waits for a table to become active.
+/// How long [`DynamoDbLocker::ensure_table`](super::DynamoDbLocker::ensure_table)
+/// waits for a table to become active.
 pub const ENSURE_TABLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Why [`DynamoDbLocker::ensure_table`](super::DynamoDbLocker::ensure_table)
