@@ -19,6 +19,9 @@ mod trace;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub mod dynamodb;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod layer;

@@ -41,6 +41,8 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+#[cfg(feature = "dynamodb")]
+pub(crate) use config::safety_margin;
 pub use config::{BusyWait, LeaseTiming, StoreConfigError};
 pub use locker::{StoreDiagnostics, StoreLocker};
 

@@ -244,6 +244,14 @@ pub(crate) async fn poll<S: LeaseStore>(shared: Weak<Shared<S>>, name: LockName)
             }))) => {
                 match (&seen, now) {
                     (Some((before, ..)), Some(now)) if *before == now => {}
+                    // A takeover refused without word of the new holder: the
+                    // stale one is gone. Forget it, or every later poll would
+                    // be another take conditioned on it (never a read), and a
+                    // new holder that crashed would never be taken over.
+                    (_, None) if stale.is_some() => {
+                        backoff.reset();
+                        seen = None;
+                    }
                     // The store cannot tell: the ceiling keeps growing.
                     (_, None) => {}
                     (_, Some(now)) => {
