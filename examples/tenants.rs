@@ -1,11 +1,20 @@
-//! The README demo: a per-tenant counter in etcd, serialized across every
-//! instance of this service by `LockLayer`.
+//! The README demo: a per-tenant counter, serialized across every instance of
+//! this service by `LockLayer`, on etcd (default), Azure blob leases or
+//! DynamoDB. The counter lives in the same store as the lock.
 //!
 //! ```text
+//! LOCK_BACKEND     etcd (default), azure (feature azure) or dynamodb (feature dynamodb)
 //! ETCD_ENDPOINTS   comma-separated etcd URLs (unset: start a throwaway local etcd)
+//! AZURE_CONTAINER_URL  a container URL with a SAS (unset: start a throwaway Azurite)
+//! DYNAMODB_ENDPOINT    a DynamoDB endpoint URL (unset: start a throwaway dynalite);
+//!                  credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+//!                  AWS_SESSION_TOKEN, region from AWS_REGION (default us-east-1)
+//! DYNAMODB_TABLE   the lock table, default demo-locks (created if missing; the
+//!                  counters go to <table>-counters)
 //! LISTEN_ADDR      default 127.0.0.1:3000
-//! LOCK_NAMESPACE   default demo/ (must end with /)
-//! LOCK_TTL_SECS    lease TTL, 2 to 3600, default the crate's (30)
+//! LOCK_NAMESPACE   default demo/ (must end with /): etcd key prefix, Azure blob prefix
+//! LOCK_TTL_SECS    lease TTL: etcd 2 to 3600 (default 30), azure 15 to 60
+//!                  (default 30), dynamodb default 20
 //! LOCK_WAIT_MS     default 0 = try mode (423 at once); otherwise wait up to that long
 //!
 //! POST /tenants/{tenant}/increment?hold_ms=N
@@ -52,7 +61,7 @@ use tower_lease_lock::etcd::{
     connect_options, max_request_timeout, ConfigError, EtcdLocker, DEFAULT_TTL, MAX_TTL, MIN_TTL,
 };
 use tower_lease_lock::etcd_client::Client;
-use tower_lease_lock::{Key, LockLayer};
+use tower_lease_lock::{Key, LockLayer, Locker};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -109,6 +118,7 @@ impl fmt::Display for Failure {
 
 /// The environment, checked.
 struct Settings {
+    backend: Backend,
     /// `None`: start a throwaway etcd.
     endpoints: Option<Vec<String>>,
     listen: String,
@@ -141,8 +151,56 @@ fn whole_number(name: &'static str, default: u64) -> Result<u64, Failure> {
     }
 }
 
+/// Where the locks (and the counters) live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Etcd,
+    Azure,
+    DynamoDb,
+}
+
+impl Backend {
+    fn from_env() -> Result<Self, Failure> {
+        let raw = var("LOCK_BACKEND")?;
+        let backend = match raw.as_deref().map(str::trim) {
+            None | Some("etcd") => Self::Etcd,
+            Some("azure") => Self::Azure,
+            Some("dynamodb") => Self::DynamoDb,
+            Some(other) => {
+                return Err(Failure::setting(
+                    "LOCK_BACKEND",
+                    other,
+                    "not one of etcd, azure, dynamodb",
+                ))
+            }
+        };
+        let built = match backend {
+            Self::Etcd => true,
+            Self::Azure => cfg!(feature = "azure"),
+            Self::DynamoDb => cfg!(feature = "dynamodb"),
+        };
+        if !built {
+            return Err(Failure::setting(
+                "LOCK_BACKEND",
+                raw.as_deref().unwrap_or_default(),
+                "this build lacks the backend's feature (scripts/demo builds them all)",
+            ));
+        }
+        Ok(backend)
+    }
+
+    fn default_ttl(self) -> Duration {
+        match self {
+            Self::Etcd => DEFAULT_TTL,
+            Self::Azure => Duration::from_secs(30),
+            Self::DynamoDb => Duration::from_secs(20),
+        }
+    }
+}
+
 impl Settings {
     fn from_env() -> Result<Self, Failure> {
+        let backend = Backend::from_env()?;
         let endpoints = match var("ETCD_ENDPOINTS")? {
             None => None,
             Some(list) => {
@@ -166,8 +224,14 @@ impl Settings {
             let problem = ConfigError::BadNamespace(namespace.clone());
             return Err(Failure::setting("LOCK_NAMESPACE", &namespace, problem));
         }
-        let ttl = Duration::from_secs(whole_number("LOCK_TTL_SECS", DEFAULT_TTL.as_secs())?);
-        let ttl_problem = if ttl < MIN_TTL {
+        let ttl = Duration::from_secs(whole_number(
+            "LOCK_TTL_SECS",
+            backend.default_ttl().as_secs(),
+        )?);
+        // The other backends' builders check their leases.
+        let ttl_problem = if backend != Backend::Etcd {
+            None
+        } else if ttl < MIN_TTL {
             Some(ConfigError::TtlTooShort(ttl))
         } else if ttl > MAX_TTL {
             Some(ConfigError::TtlTooLong(ttl))
@@ -183,6 +247,7 @@ impl Settings {
         }
         let wait_ms = whole_number("LOCK_WAIT_MS", 0)?;
         Ok(Self {
+            backend,
             endpoints,
             listen,
             namespace,
@@ -210,10 +275,23 @@ fn counter_key(tenant: &str) -> String {
     format!("demo-counters/{tenant}")
 }
 
+/// Where the counters live: in the lock's own store.
+#[derive(Clone)]
+enum Counters {
+    Etcd(Box<Client>),
+    #[cfg(feature = "azure")]
+    Azure(std::sync::Arc<azure_storage_blob::BlobContainerClient>),
+    #[cfg(feature = "dynamodb")]
+    DynamoDb {
+        client: aws_sdk_dynamodb::Client,
+        table: String,
+    },
+}
+
 /// Why the counter could not be read or written. Logged in full; clients get
-/// [`CounterError::answer`], without etcd's messages.
+/// [`CounterError::answer`], without the store's messages.
 enum CounterError {
-    Store(tower_lease_lock::etcd_client::Error),
+    Store(String),
     Corrupt(String),
 }
 
@@ -236,18 +314,116 @@ impl CounterError {
     }
 }
 
-async fn read_counter(client: &mut Client, tenant: &str) -> Result<u64, CounterError> {
-    let resp = client
-        .get(counter_key(tenant), None)
-        .await
-        .map_err(CounterError::Store)?;
-    match resp.kvs().first() {
-        None => Ok(0),
-        Some(kv) => kv
-            .value_str()
-            .map_err(|e| CounterError::Corrupt(e.to_string()))?
-            .parse::<u64>()
-            .map_err(|e| CounterError::Corrupt(e.to_string())),
+fn parse_counter(text: &str) -> Result<u64, CounterError> {
+    text.trim()
+        .parse::<u64>()
+        .map_err(|e| CounterError::Corrupt(e.to_string()))
+}
+
+/// A blob name for a tenant's counter: the tenant percent-encoded (as lock
+/// names are), with a suffix so that no name ends with a dot.
+#[cfg(feature = "azure")]
+fn counter_blob(tenant: &str) -> Result<String, CounterError> {
+    let name = tower_lease_lock::LockName::new(tenant)
+        .map_err(|e| CounterError::Corrupt(e.to_string()))?;
+    Ok(format!("demo-counters/{}.count", name.encoded()))
+}
+
+impl Counters {
+    async fn read(&self, tenant: &str) -> Result<u64, CounterError> {
+        match self {
+            Self::Etcd(client) => {
+                let resp = (**client)
+                    .clone()
+                    .get(counter_key(tenant), None)
+                    .await
+                    .map_err(|e| CounterError::Store(e.to_string()))?;
+                match resp.kvs().first() {
+                    None => Ok(0),
+                    Some(kv) => parse_counter(
+                        kv.value_str()
+                            .map_err(|e| CounterError::Corrupt(e.to_string()))?,
+                    ),
+                }
+            }
+            #[cfg(feature = "azure")]
+            Self::Azure(container) => {
+                let blob = container.blob_client(&counter_blob(tenant)?);
+                match blob.download(None).await {
+                    Ok(download) => {
+                        let bytes = download
+                            .body
+                            .collect()
+                            .await
+                            .map_err(|e| CounterError::Store(e.to_string()))?;
+                        parse_counter(&String::from_utf8_lossy(&bytes))
+                    }
+                    Err(e) if e.http_status().map(u16::from) == Some(404) => Ok(0),
+                    Err(e) => Err(CounterError::Store(e.to_string())),
+                }
+            }
+            #[cfg(feature = "dynamodb")]
+            Self::DynamoDb { client, table } => {
+                use aws_sdk_dynamodb::types::AttributeValue;
+                let item = client
+                    .get_item()
+                    .table_name(table)
+                    .key("tenant", AttributeValue::S(tenant.to_string()))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        CounterError::Store(format!(
+                            "{}",
+                            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                        ))
+                    })?;
+                match item.item().and_then(|item| item.get("value")) {
+                    None => Ok(0),
+                    Some(AttributeValue::N(n)) => parse_counter(n),
+                    Some(other) => Err(CounterError::Corrupt(format!("{other:?}"))),
+                }
+            }
+        }
+    }
+
+    async fn write(&self, tenant: &str, value: u64) -> Result<(), CounterError> {
+        match self {
+            Self::Etcd(client) => (**client)
+                .clone()
+                .put(counter_key(tenant), value.to_string(), None)
+                .await
+                .map(drop)
+                .map_err(|e| CounterError::Store(e.to_string())),
+            #[cfg(feature = "azure")]
+            Self::Azure(container) => container
+                .blob_client(&counter_blob(tenant)?)
+                .upload(
+                    azure_core::http::RequestContent::from(value.to_string().into_bytes()),
+                    None,
+                )
+                .await
+                .map(drop)
+                .map_err(|e| CounterError::Store(e.to_string())),
+            #[cfg(feature = "dynamodb")]
+            Self::DynamoDb { client, table } => {
+                use aws_sdk_dynamodb::types::AttributeValue;
+                client
+                    .put_item()
+                    .table_name(table)
+                    .item("tenant", AttributeValue::S(tenant.to_string()))
+                    .item("value", AttributeValue::N(value.to_string()))
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| {
+                        CounterError::Store(format!(
+                            "{}",
+                            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                        ))
+                    })
+            }
+        }
     }
 }
 
@@ -257,7 +433,7 @@ fn json_line(value: Value) -> Bytes {
 }
 
 async fn increment(
-    State(client): State<Client>,
+    State(counters): State<Counters>,
     Path(tenant): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     lock: HeldLock,
@@ -269,8 +445,7 @@ async fn increment(
             return (StatusCode::BAD_REQUEST, "hold_ms must be a whole number\n").into_response()
         }
     };
-    let mut client = client;
-    let value = match read_counter(&mut client, &tenant).await {
+    let value = match counters.read(&tenant).await {
         Ok(value) => value,
         Err(e) => return e.answer(&tenant),
     };
@@ -279,9 +454,8 @@ async fn increment(
     let write = async move {
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
         let next = value + 1;
-        if let Err(error) = client
-            .put(counter_key(&tenant), next.to_string(), None)
-            .await
+        if let Err(CounterError::Store(error) | CounterError::Corrupt(error)) =
+            counters.write(&tenant, next).await
         {
             tracing::warn!(%tenant, %error, "counter not written");
             // Ends the response before its last line: the client sees a
@@ -340,9 +514,8 @@ impl http_body::Body for TwoLines {
     }
 }
 
-async fn show(State(client): State<Client>, Path(tenant): Path<String>) -> Response {
-    let mut client = client;
-    match read_counter(&mut client, &tenant).await {
+async fn show(State(counters): State<Counters>, Path(tenant): Path<String>) -> Response {
+    match counters.read(&tenant).await {
         Ok(value) => Json(json!({ "tenant": tenant, "value": value })).into_response(),
         Err(e) => e.answer(&tenant),
     }
@@ -407,6 +580,24 @@ async fn run() -> Result<(), Failure> {
         .local_addr()
         .map_err(|e| Failure::Other(format!("the listener has no address: {e}")))?;
 
+    match settings.backend {
+        Backend::Etcd => run_etcd(&settings, listener, local_addr).await,
+        #[cfg(feature = "azure")]
+        Backend::Azure => run_azure(&settings, listener, local_addr).await,
+        #[cfg(feature = "dynamodb")]
+        Backend::DynamoDb => run_dynamodb(&settings, listener, local_addr).await,
+        #[allow(unreachable_patterns)]
+        other => Err(Failure::Other(format!(
+            "this build lacks the {other:?} backend"
+        ))),
+    }
+}
+
+async fn run_etcd(
+    settings: &Settings,
+    listener: tokio::net::TcpListener,
+    local_addr: std::net::SocketAddr,
+) -> Result<(), Failure> {
     // A throwaway etcd unless ETCD_ENDPOINTS names one; it is killed on return.
     let mut _local_etcd = None;
     let endpoints = match &settings.endpoints {
@@ -439,8 +630,177 @@ async fn run() -> Result<(), Failure> {
         .ttl(settings.ttl)
         .request_timeout(request_timeout)
         .build()
-        .map_err(|e| locker_setting(&settings, e))?;
+        .map_err(|e| locker_setting(settings, e))?;
+    let store = format!("etcd {}", endpoints.join(","));
+    serve(
+        locker,
+        Counters::Etcd(Box::new(client)),
+        settings,
+        listener,
+        local_addr,
+        store,
+    )
+    .await
+}
 
+#[cfg(feature = "azure")]
+async fn run_azure(
+    settings: &Settings,
+    listener: tokio::net::TcpListener,
+    local_addr: std::net::SocketAddr,
+) -> Result<(), Failure> {
+    use azure_storage_blob::BlobContainerClient;
+    use tower_lease_lock::azure::{AzureBlobLocker, AzureConfigError};
+
+    // A throwaway Azurite unless AZURE_CONTAINER_URL names a container.
+    let mut _local = None;
+    let (container, store) = match var("AZURE_CONTAINER_URL")? {
+        Some(raw) => {
+            let url = raw.parse().map_err(|e| {
+                Failure::setting("AZURE_CONTAINER_URL", "(hidden: it may hold a SAS)", e)
+            })?;
+            let container = BlobContainerClient::new(url, None, None).map_err(|e| {
+                Failure::setting("AZURE_CONTAINER_URL", "(hidden: it may hold a SAS)", e)
+            })?;
+            let store = format!("azure {}", raw.split('?').next().unwrap_or_default());
+            (container, store)
+        }
+        None => {
+            let azurite = tower_lease_lock::testing::Azurite::start()
+                .await
+                .map_err(|e| Failure::Other(format!("cannot start a throwaway Azurite: {e}")))?;
+            println!("started a throwaway Azurite at {}", azurite.endpoint());
+            let container = azurite
+                .container("demo")
+                .await
+                .map_err(|e| Failure::Other(format!("cannot create a container: {e}")))?;
+            let store = format!("azure {}/demo", azurite.endpoint());
+            _local = Some(azurite);
+            (container, store)
+        }
+    };
+    let counters = Counters::Azure(std::sync::Arc::new(
+        BlobContainerClient::new(container.url().clone(), None, None)
+            .map_err(|e| Failure::Other(format!("container client: {e}")))?,
+    ));
+    let locker = AzureBlobLocker::builder(container)
+        .lease_duration(settings.ttl)
+        .blob_prefix(settings.namespace.clone())
+        .request_timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| match e {
+            AzureConfigError::Prefix { .. } => {
+                Failure::setting("LOCK_NAMESPACE", &settings.namespace, e)
+            }
+            other => Failure::setting("LOCK_TTL_SECS", &settings.ttl.as_secs().to_string(), other),
+        })?;
+    serve(locker, counters, settings, listener, local_addr, store).await
+}
+
+#[cfg(feature = "dynamodb")]
+async fn run_dynamodb(
+    settings: &Settings,
+    listener: tokio::net::TcpListener,
+    local_addr: std::net::SocketAddr,
+) -> Result<(), Failure> {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    use tower_lease_lock::dynamodb::DynamoDbLocker;
+
+    let table = var("DYNAMODB_TABLE")?.unwrap_or_else(|| "demo-locks".to_string());
+    // A throwaway dynalite unless DYNAMODB_ENDPOINT names one.
+    let mut _local = None;
+    let client = match var("DYNAMODB_ENDPOINT")? {
+        Some(endpoint) => {
+            let key = |name| var(name).map(Option::unwrap_or_default);
+            let credentials = Credentials::new(
+                key("AWS_ACCESS_KEY_ID")?,
+                key("AWS_SECRET_ACCESS_KEY")?,
+                var("AWS_SESSION_TOKEN")?,
+                None,
+                "environment",
+            );
+            let region = var("AWS_REGION")?.unwrap_or_else(|| "us-east-1".to_string());
+            let config = aws_sdk_dynamodb::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(region))
+                .credentials_provider(credentials)
+                .endpoint_url(endpoint)
+                .build();
+            aws_sdk_dynamodb::Client::from_conf(config)
+        }
+        None => {
+            let dynalite = tower_lease_lock::testing::Dynalite::start()
+                .await
+                .map_err(|e| Failure::Other(format!("cannot start a throwaway dynalite: {e}")))?;
+            println!("started a throwaway dynalite at {}", dynalite.endpoint());
+            let client = dynalite.client();
+            _local = Some(dynalite);
+            client
+        }
+    };
+    let locker = DynamoDbLocker::builder(client.clone(), table.clone())
+        .lease_duration(settings.ttl)
+        .request_timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| Failure::setting("LOCK_TTL_SECS", &settings.ttl.as_secs().to_string(), e))?;
+    locker
+        .ensure_table()
+        .await
+        .map_err(|e| Failure::Other(format!("the lock table {table:?}: {e}")))?;
+    // The counters' table, next to the lock table.
+    let counters_table = format!("{table}-counters");
+    let created = client
+        .create_table()
+        .table_name(&counters_table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("tenant")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| Failure::Other(e.to_string()))?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("tenant")
+                .key_type(KeyType::Hash)
+                .build()
+                .map_err(|e| Failure::Other(e.to_string()))?,
+        )
+        .send()
+        .await;
+    if let Err(e) = created {
+        let in_use = e
+            .as_service_error()
+            .is_some_and(|e| e.is_resource_in_use_exception());
+        if !in_use {
+            return Err(Failure::Other(format!(
+                "cannot create the table {counters_table:?}: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e)
+            )));
+        }
+    }
+    let counters = Counters::DynamoDb {
+        client,
+        table: counters_table,
+    };
+    let store = format!("dynamodb table {table}");
+    serve(locker, counters, settings, listener, local_addr, store).await
+}
+
+/// Serves the demo's routes behind a `LockLayer` on `locker` until Ctrl-C
+/// or SIGTERM, then shuts the locker down.
+async fn serve<L: Locker>(
+    locker: L,
+    counters: Counters,
+    settings: &Settings,
+    listener: tokio::net::TcpListener,
+    local_addr: std::net::SocketAddr,
+    store: String,
+) -> Result<(), Failure> {
     let key = Key::path_param("tenant").map_err(|e| Failure::Other(e.to_string()))?;
     let mut layer = LockLayer::new(locker.clone(), key);
     if settings.wait_ms > 0 {
@@ -450,7 +810,7 @@ async fn run() -> Result<(), Failure> {
         .route("/tenants/{tenant}/increment", post(increment))
         .route_layer(layer)
         .route("/tenants/{tenant}", get(show))
-        .with_state(client);
+        .with_state(counters);
     #[cfg(feature = "metrics")]
     let app = {
         // The lock's counters, histograms and gauges, as Prometheus scrapes them.
@@ -464,8 +824,7 @@ async fn run() -> Result<(), Failure> {
     };
 
     println!(
-        "listening on {local_addr} (etcd {}, lock namespace {:?}, ttl {:?}, {})",
-        endpoints.join(","),
+        "listening on {local_addr} ({store}, lock namespace {:?}, ttl {:?}, {})",
         settings.namespace,
         settings.ttl,
         if settings.wait_ms == 0 {

@@ -64,7 +64,7 @@ async fn dynalite() -> Dynalite {
 /// A locker with the short lease and a quick busy wait, on its own client.
 fn short(dynalite: &Dynalite) -> DynamoDbLocker {
     DynamoDbLocker::builder(dynalite.client(), TABLE)
-        .lease(LEASE)
+        .lease_duration(LEASE)
         .heartbeat(HEARTBEAT)
         .request_timeout(REQUEST_TIMEOUT)
         .busy_wait(Duration::from_millis(20), Duration::from_millis(100))
@@ -253,7 +253,7 @@ async fn dynamodb_holder_child() {
         .endpoint_url(endpoint)
         .build();
     let locker = DynamoDbLocker::builder(aws_sdk_dynamodb::Client::from_conf(config), TABLE)
-        .lease(LEASE)
+        .lease_duration(LEASE)
         .heartbeat(HEARTBEAT)
         .request_timeout(REQUEST_TIMEOUT)
         .build()
@@ -722,12 +722,12 @@ fn builder_misuse_gives_typed_errors() {
 
     assert!(builder().build().is_ok());
     assert_eq!(
-        err(builder().lease(Duration::from_millis(500))),
+        err(builder().lease_duration(Duration::from_millis(500))),
         DynamoDbConfigError::BadLease(Duration::from_millis(500))
     );
     assert!(matches!(
         err(builder()
-            .lease(Duration::from_secs(10))
+            .lease_duration(Duration::from_secs(10))
             .heartbeat(Duration::from_secs(6))),
         DynamoDbConfigError::BadHeartbeat { .. }
     ));
@@ -753,7 +753,7 @@ fn builder_misuse_gives_typed_errors() {
     ));
     // A short lease gets a request timeout that fits by default.
     let short = builder()
-        .lease(Duration::from_secs(2))
+        .lease_duration(Duration::from_secs(2))
         .build()
         .expect("2 s lease");
     assert!(short.timing().request_timeout < Duration::from_secs(1));

@@ -79,7 +79,7 @@ pub fn max_request_timeout(lease: Duration, heartbeat: Option<Duration>) -> Dura
 /// use tower_lease_lock::dynamodb::DynamoDbLocker;
 ///
 /// let locker = DynamoDbLocker::builder(client, "locks")
-///     .lease(Duration::from_secs(30))
+///     .lease_duration(Duration::from_secs(30))
 ///     .heartbeat(Duration::from_secs(5))
 ///     .busy_wait(Duration::from_millis(100), Duration::from_secs(1))
 ///     .request_timeout(Duration::from_secs(2))
@@ -117,7 +117,7 @@ impl DynamoDbLockerBuilder {
     /// How long a lock lasts without a heartbeat (default
     /// [`DEFAULT_LEASE`]): an abandoned lock is taken over after one to
     /// about two leases.
-    pub fn lease(mut self, lease: Duration) -> Self {
+    pub fn lease_duration(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
