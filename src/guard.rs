@@ -163,6 +163,12 @@ impl LockGuard {
         &self.info
     }
 
+    /// Sets how long the acquisition waited (a guard taken by a poller for
+    /// a waiter learns the waiter's time when it is handed over).
+    pub(crate) fn set_waited(&mut self, waited: Duration) {
+        self.info.waited = waited;
+    }
+
     /// The locked name.
     pub fn name(&self) -> &LockName {
         &self.info.name

@@ -210,22 +210,30 @@ async fn a_waiter_gets_the_lock_when_it_is_released() {
     let (a, b) = (locker(&azurite).await, locker(&azurite).await);
     let lock = name("handoff");
     let held = a.try_acquire(&lock).await.expect("a holds");
+    let waiting_since = Instant::now();
     let waiter = tokio::spawn({
         let (b, lock) = (b.clone(), lock.clone());
         async move { b.acquire(&lock, Duration::from_secs(30)).await }
     });
-    common::eventually("b polls", SOON, || {
+    common::eventually("b polls twice", SOON, || {
         let b = b.clone();
-        async move { b.diagnostics().observe_requests >= 1 }
+        async move { b.diagnostics().observe_requests >= 2 }
     })
     .await;
     let first = held.token();
+    let released_after = waiting_since.elapsed();
     held.release().await.expect("release");
     let guard = soon("the waiter's grant", waiter)
         .await
         .expect("task")
         .expect("b gets it");
     assert!(guard.token() > first);
+    // The guard tells the waiter's own wait, not the poller's last request.
+    assert!(
+        guard.info().waited() >= released_after,
+        "waited {:?}, released after {released_after:?}",
+        guard.info().waited()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

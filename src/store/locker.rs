@@ -320,7 +320,11 @@ impl<S: LeaseStore> Shared<S> {
             None => Ok((&mut place.granted).await),
         };
         match granted {
-            Ok(Ok(grant)) => grant,
+            // The poller made the guard: the wait is this waiter's own.
+            Ok(Ok(grant)) => grant.map(|mut guard| {
+                guard.set_waited(started.elapsed());
+                guard
+            }),
             Ok(Err(_)) => Err(shut_down()),
             Err(_) => Err(LockError::Timeout {
                 name: name.clone(),

@@ -99,7 +99,10 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Renews `hold`, returning the hold to use from now on (the same, or a
     /// new record version). [`StoreError::Gone`] when the store says the
-    /// hold is no longer ours.
+    /// hold is no longer ours. Must be repeatable: a renewal that timed out
+    /// (its outcome unknown) is retried with the same `hold`, so a store
+    /// that writes a new version must accept the retry when the first
+    /// attempt landed.
     fn renew(
         &self,
         name: &LockName,
