@@ -354,7 +354,8 @@ async fn failed_try(dynalite: &Dynalite, report: &mut Report) {
 // 3. Handoff under contention
 // ---------------------------------------------------------------------------
 
-const ROUNDS: usize = 4;
+/// Rounds per contention level: C=2 gives one handoff a round, C=8 seven.
+const ROUNDS: usize = 10;
 
 /// One hold: when its worker started trying, got the lock, let it go.
 #[derive(Debug, Clone, Copy)]

@@ -387,11 +387,16 @@ async fn n_waiters_in_one_locker_share_one_poller_that_only_reads() {
     let (a, b) = (locker(&azurite).await, locker(&azurite).await);
     let lock = name("busy");
     let held = a.try_acquire(&lock).await.expect("a holds");
+    // Each waiter records its token and releases at once: the next one in
+    // the queue (whichever order the tasks joined it) is handed the name.
+    let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for _ in 0..8 {
-        let (b, lock) = (b.clone(), lock.clone());
+        let (b, lock, granted) = (b.clone(), lock.clone(), granted.clone());
         waiters.push(tokio::spawn(async move {
-            b.acquire(&lock, Duration::from_secs(60)).await
+            let guard = b.acquire(&lock, Duration::from_secs(60)).await?;
+            granted.lock().unwrap().push(guard.token());
+            guard.release().await
         }));
     }
     common::eventually("the poller reads 10 times", Duration::from_secs(30), || {
@@ -403,17 +408,19 @@ async fn n_waiters_in_one_locker_share_one_poller_that_only_reads() {
     assert_eq!(d.waiting_names, 1, "one poller for the name");
     assert_eq!(d.take_requests, 0, "a busy name is only read: {d:?}");
     held.release().await.expect("release");
-    // The waiters get the lock one after the other, in turn.
-    let mut tokens = Vec::new();
+    // The waiters get the lock one after the other, each from the last.
     for waiter in waiters {
-        let guard = soon("a waiter's turn", waiter)
+        soon("every waiter's turn", waiter)
             .await
             .expect("task")
-            .expect("granted");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
+            .expect("granted and released");
     }
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "FIFO: {tokens:?}");
+    let tokens = granted.lock().unwrap().clone();
+    assert_eq!(tokens.len(), 8);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "one holder after the other: {tokens:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
