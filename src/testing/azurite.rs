@@ -9,8 +9,7 @@ use azure_core::http::{RetryOptions, Url};
 use azure_core::time::{to_rfc3339, Duration, OffsetDateTime};
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 
-use super::emulator::{Emulator, EmulatorProcess, START_ATTEMPTS};
-use super::free_port;
+use super::emulator::{Emulator, EmulatorProcess};
 
 const AZURITE: Emulator = Emulator {
     kind: "azurite",
@@ -83,14 +82,12 @@ impl Azurite {
     /// Starts `azurite-blob` on a free loopback port with in-memory storage
     /// and no telemetry, and waits until it answers.
     pub async fn start() -> io::Result<Self> {
-        let mut attempt = 1;
-        loop {
-            let port = free_port()?;
-            let args: Vec<OsString> = [
+        let (process, port) = EmulatorProcess::start_on_free_port(&AZURITE, |port| {
+            [
                 "--blobHost",
                 "127.0.0.1",
                 "--blobPort",
-                &port.to_string(),
+                port,
                 "--inMemoryPersistence",
                 "--extentMemoryLimit",
                 EXTENT_MEMORY_LIMIT_MB,
@@ -99,22 +96,14 @@ impl Azurite {
             ]
             .into_iter()
             .map(OsString::from)
-            .collect();
-            match EmulatorProcess::start(&AZURITE, &args, port).await {
-                Ok(process) => {
-                    return Ok(Self {
-                        process,
-                        port,
-                        endpoint: format!("http://127.0.0.1:{port}/{}", Self::ACCOUNT),
-                    })
-                }
-                Err(err) if attempt < START_ATTEMPTS => {
-                    tracing::warn!("azurite did not start ({err}); trying again on another port");
-                    attempt += 1;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+            .collect()
+        })
+        .await?;
+        Ok(Self {
+            process,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}/{}", Self::ACCOUNT),
+        })
     }
 
     /// The account's blob service URL, `http://127.0.0.1:<port>/devstoreaccount1`

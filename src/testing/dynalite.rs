@@ -8,8 +8,7 @@ use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 
-use super::emulator::{Emulator, EmulatorProcess, START_ATTEMPTS};
-use super::free_port;
+use super::emulator::{Emulator, EmulatorProcess};
 
 const DYNALITE: Emulator = Emulator {
     kind: "dynalite",
@@ -60,14 +59,12 @@ impl Dynalite {
 
     /// Starts `dynalite` on a free loopback port and waits until it answers.
     pub async fn start() -> io::Result<Self> {
-        let mut attempt = 1;
-        loop {
-            let port = free_port()?;
-            let args: Vec<OsString> = [
+        let (process, port) = EmulatorProcess::start_on_free_port(&DYNALITE, |port| {
+            [
                 "--host",
                 "127.0.0.1",
                 "--port",
-                &port.to_string(),
+                port,
                 "--createTableMs",
                 "0",
                 "--deleteTableMs",
@@ -77,22 +74,14 @@ impl Dynalite {
             ]
             .into_iter()
             .map(OsString::from)
-            .collect();
-            match EmulatorProcess::start(&DYNALITE, &args, port).await {
-                Ok(process) => {
-                    return Ok(Self {
-                        process,
-                        port,
-                        endpoint: format!("http://127.0.0.1:{port}"),
-                    })
-                }
-                Err(err) if attempt < START_ATTEMPTS => {
-                    tracing::warn!("dynalite did not start ({err}); trying again on another port");
-                    attempt += 1;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+            .collect()
+        })
+        .await?;
+        Ok(Self {
+            process,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        })
     }
 
     /// The endpoint URL, `http://127.0.0.1:<port>`.

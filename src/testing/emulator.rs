@@ -21,7 +21,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many attempts on fresh ports, when the port picked was taken meanwhile.
-pub(super) const START_ATTEMPTS: usize = 3;
+const START_ATTEMPTS: usize = 3;
 
 /// Where `scripts/ensure-emulators.sh` installs the emulators (npm ci in
 /// `.emulators/` of this repository).
@@ -89,6 +89,30 @@ pub(super) struct EmulatorProcess {
 }
 
 impl EmulatorProcess {
+    /// Starts `emulator` on a free loopback port, with the arguments
+    /// `args(port)`; tries again on another port when the one picked was
+    /// taken meanwhile. Returns the process and its port.
+    pub(super) async fn start_on_free_port(
+        emulator: &Emulator,
+        args: impl Fn(&str) -> Vec<OsString>,
+    ) -> io::Result<(Self, u16)> {
+        let mut attempt = 1;
+        loop {
+            let port = super::free_port()?;
+            match Self::start(emulator, &args(&port.to_string()), port).await {
+                Ok(process) => return Ok((process, port)),
+                Err(err) if attempt < START_ATTEMPTS => {
+                    tracing::warn!(
+                        "{} did not start ({err}); trying again on another port",
+                        emulator.kind
+                    );
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Starts `emulator` with `args` and waits until it printed its ready
     /// line and answered one HTTP request on `port`.
     pub(super) async fn start(
