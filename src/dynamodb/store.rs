@@ -17,6 +17,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
 
@@ -229,6 +230,12 @@ impl DynamoDbStore {
     }
 }
 
+/// `true` when an UpdateItem failed its condition: an answer, not an error.
+fn condition_failed<R>(err: &SdkError<UpdateItemError, R>) -> bool {
+    err.as_service_error()
+        .is_some_and(UpdateItemError::is_conditional_check_failed_exception)
+}
+
 fn names(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()
@@ -321,13 +328,9 @@ impl LeaseStore for DynamoDbStore {
                 Ok(Take::Taken { token })
             }
             Err(err) => match err.as_service_error() {
-                Some(e) if e.is_conditional_check_failed_exception() => {
-                    let busy = match e {
-                        aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => {
-                            c.item().and_then(|item| self.busy(item))
-                        }
-                        _ => None,
-                    };
+                // The old item, where the service returns it (dynalite does not).
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    let busy = failed.item().and_then(|item| self.busy(item));
                     Ok(Take::Busy(busy.unwrap_or_else(Busy::unknown)))
                 }
                 _ => Err(self.error("UpdateItem (take)", err)),
@@ -393,16 +396,10 @@ impl LeaseStore for DynamoDbStore {
             .await;
         match result {
             Ok(_) => Ok(next),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Gone(format!(
-                    "the item of {name} in DynamoDB table {:?} was released, taken over or changed",
-                    self.table
-                )))
-            }
+            Err(err) if condition_failed(&err) => Err(StoreError::Gone(format!(
+                "the item of {name} in DynamoDB table {:?} was released, taken over or changed",
+                self.table
+            ))),
             Err(err) => Err(self.error("UpdateItem (heartbeat)", err)),
         }
     }
@@ -434,13 +431,7 @@ impl LeaseStore for DynamoDbStore {
         match result {
             Ok(_) => Ok(()),
             // Not ours (any more): nothing to give back.
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(err) if condition_failed(&err) => Ok(()),
             Err(err) => Err(self.error("UpdateItem (release)", err)),
         }
     }

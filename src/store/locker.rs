@@ -343,6 +343,13 @@ struct StoreRelease<S: LeaseStore> {
 }
 
 impl<S: LeaseStore> StoreRelease<S> {
+    /// The runtime the lock was taken on, else the caller's.
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+    }
+
     fn release_now(self) -> impl Future<Output = Result<(), LockError>> + Send + 'static {
         let shared = self.shared;
         let taken = shared.as_ref().and_then(|s| s.holds.remove(self.id));
@@ -381,10 +388,7 @@ impl<S: LeaseStore> StoreRelease<S> {
 impl<S: LeaseStore> Release for StoreRelease<S> {
     fn release(self: Box<Self>) -> BoxFuture<Result<(), LockError>> {
         let this = *self;
-        let runtime = this
-            .runtime
-            .clone()
-            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        let runtime = this.runtime();
         let release = this.release_now();
         match runtime {
             // In a task of its own: a caller that goes away cannot cut it off.
@@ -405,10 +409,7 @@ impl<S: LeaseStore> Release for StoreRelease<S> {
 
     fn release_in_background(self: Box<Self>) {
         let this = *self;
-        let runtime = this
-            .runtime
-            .clone()
-            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        let runtime = this.runtime();
         let release = this.release_now();
         if let Some(runtime) = runtime {
             drop(runtime.spawn(async move {
