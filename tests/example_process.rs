@@ -94,16 +94,26 @@ struct Instance {
 }
 
 async fn start_instance(binary: &Path, what: &str, etcd: &EtcdServer, wait_ms: u64) -> Instance {
+    let env = [
+        ("ETCD_ENDPOINTS", etcd.endpoints().join(",")),
+        ("LOCK_NAMESPACE", NAMESPACE.to_string()),
+    ];
+    start_on(binary, what, &env, wait_ms).await
+}
+
+/// Starts the demo with `env` (a backend and where its store is) on a free
+/// port, in wait mode for `wait_ms` (0: try mode).
+async fn start_on(binary: &Path, what: &str, env: &[(&str, String)], wait_ms: u64) -> Instance {
     let addr = format!("127.0.0.1:{}", free_port().expect("free port"));
-    let mut proc = Proc::spawn(
-        what,
-        Command::new(binary)
-            .env("ETCD_ENDPOINTS", etcd.endpoints().join(","))
-            .env("LISTEN_ADDR", &addr)
-            .env("LOCK_NAMESPACE", NAMESPACE)
-            .env("LOCK_WAIT_MS", wait_ms.to_string())
-            .env("RUST_LOG", "warn"),
-    );
+    let mut command = Command::new(binary);
+    command
+        .env("LISTEN_ADDR", &addr)
+        .env("LOCK_WAIT_MS", wait_ms.to_string())
+        .env("RUST_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut proc = Proc::spawn(what, &mut command);
     loop {
         match proc.next_line_at(START_LIMIT).await {
             Some((_, line)) if line.contains("listening on") => {
@@ -199,6 +209,51 @@ async fn counter(client: &HttpClient, instance: &Instance) -> u64 {
     json["value"].as_u64().expect("numeric value")
 }
 
+/// `requests` concurrent increments of acme split across `instances`: each
+/// answers 200 with NDJSON, every increment saw the previous one (the values
+/// are exactly 1..=requests), and the fencing tokens are distinct and grow
+/// with every holder.
+async fn increments_serialize(client: &HttpClient, instances: [&Instance; 2], requests: usize) {
+    let mut sent = Vec::new();
+    for i in 0..requests {
+        let client = client.clone();
+        let url = format!("{}/tenants/acme/increment?hold_ms=5", instances[i % 2].base);
+        sent.push(tokio::spawn(async move {
+            send(&client, http::Method::POST, &url).await
+        }));
+    }
+    let mut results = Vec::new();
+    for request in sent {
+        let answer = request.await.expect("request task");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(
+            answer
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap()),
+            Some("application/x-ndjson")
+        );
+        let (_, json) = answer.increment_lines();
+        assert_eq!(json["tenant"], "acme", "{json}");
+        let value = json["value"].as_u64().expect("numeric value");
+        let token = json["fencing_token"].as_u64().expect("numeric token");
+        results.push((value, token));
+    }
+    results.sort_unstable();
+    let values: Vec<u64> = results.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        values,
+        (1..=requests as u64).collect::<Vec<_>>(),
+        "no lost update"
+    );
+    for pair in results.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].1,
+            "fencing tokens out of order: {results:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The test
 // ---------------------------------------------------------------------------
@@ -219,47 +274,11 @@ async fn two_instances_serialize_one_tenant() {
 
     // (1) Concurrent increments of one tenant, split across two instances.
     let started = Instant::now();
-    let mut requests = Vec::new();
-    for i in 0..REQUESTS {
-        let client = client.clone();
-        let base = if i % 2 == 0 { &a.base } else { &b.base };
-        let url = format!("{base}/tenants/acme/increment?hold_ms=5");
-        requests.push(tokio::spawn(async move {
-            send(&client, http::Method::POST, &url).await
-        }));
-    }
-    let mut results = Vec::new();
-    for request in requests {
-        let answer = request.await.expect("request task");
-        assert_eq!(answer.status, 200, "{}", answer.body);
-        assert_eq!(
-            answer
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .map(|v| v.to_str().unwrap()),
-            Some("application/x-ndjson")
-        );
-        let (_, json) = answer.increment_lines();
-        assert_eq!(json["tenant"], "acme", "{json}");
-        let value = json["value"].as_u64().expect("numeric value");
-        let token = json["fencing_token"].as_u64().expect("numeric token");
-        results.push((value, token));
-    }
+    increments_serialize(&client, [&a, &b], REQUESTS).await;
     println!(
         "{REQUESTS} increments over two instances in {:?}",
         started.elapsed()
     );
-    // Each increment saw the previous one: the values are exactly 1..=30...
-    results.sort_unstable();
-    let values: Vec<u64> = results.iter().map(|(v, _)| *v).collect();
-    assert_eq!(values, (1..=REQUESTS as u64).collect::<Vec<_>>());
-    // ...and the fencing tokens are distinct and grow with every holder.
-    for pair in results.windows(2) {
-        assert!(
-            pair[0].1 < pair[1].1,
-            "fencing tokens out of order: {results:?}"
-        );
-    }
     assert_eq!(counter(&client, &a).await, REQUESTS as u64);
     assert_eq!(counter(&client, &b).await, REQUESTS as u64);
 
@@ -636,32 +655,6 @@ async fn etcd_outage_answers_without_internals() {
 // The demo on the other backends: LOCK_BACKEND=azure and dynamodb
 // ---------------------------------------------------------------------------
 
-/// Starts the demo with `env` (a backend and where its store is) on a free
-/// port, in wait mode (`wait_ms`).
-async fn start_on(binary: &Path, what: &str, env: &[(&str, String)], wait_ms: u64) -> Instance {
-    let addr = format!("127.0.0.1:{}", free_port().expect("free port"));
-    let mut command = Command::new(binary);
-    command
-        .env("LISTEN_ADDR", &addr)
-        .env("LOCK_WAIT_MS", wait_ms.to_string())
-        .env("RUST_LOG", "warn");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut proc = Proc::spawn(what, &mut command);
-    loop {
-        match proc.next_line_at(START_LIMIT).await {
-            Some((_, line)) if line.contains("listening on") => break,
-            Some(_) => continue,
-            None => panic!("{what} exited before listening"),
-        }
-    }
-    Instance {
-        proc,
-        base: format!("http://{addr}"),
-    }
-}
-
 /// Two instances on one store: 12 concurrent increments of one tenant split
 /// across them give exactly 1..=12 with growing fencing tokens, and a
 /// try-mode instance answers 423 while a request holds the tenant.
@@ -672,36 +665,7 @@ async fn serialize_on(env: &[(&str, String)]) {
     let mut b = start_on(&binary, "instance b", env, 20_000).await;
     let mut c = start_on(&binary, "instance c (try mode)", env, 0).await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let mut requests = Vec::new();
-    for i in 0..REQUESTS {
-        let client = client.clone();
-        let base = if i % 2 == 0 { &a.base } else { &b.base };
-        let url = format!("{base}/tenants/acme/increment?hold_ms=5");
-        requests.push(tokio::spawn(async move {
-            send(&client, http::Method::POST, &url).await
-        }));
-    }
-    let mut results = Vec::new();
-    for request in requests {
-        let answer = request.await.expect("request task");
-        assert_eq!(answer.status, 200, "{}", answer.body);
-        let (_, json) = answer.increment_lines();
-        results.push((
-            json["value"].as_u64().expect("value"),
-            json["fencing_token"].as_u64().expect("token"),
-        ));
-    }
-    results.sort_unstable();
-    let values: Vec<u64> = results.iter().map(|(v, _)| *v).collect();
-    assert_eq!(
-        values,
-        (1..=REQUESTS as u64).collect::<Vec<_>>(),
-        "no lost update"
-    );
-    assert!(
-        results.windows(2).all(|w| w[0].1 < w[1].1),
-        "tokens grow with every holder: {results:?}"
-    );
+    increments_serialize(&client, [&a, &b], REQUESTS).await;
     // A long hold on a, and c (try mode) is refused meanwhile.
     let holding = tokio::spawn({
         let (client, a) = (client.clone(), a.base.clone());
