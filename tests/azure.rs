@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::pin::Pin;
+use common::body::ChannelBody;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -26,7 +25,6 @@ use azure_storage_blob::models::{
 use azure_storage_blob::BlobContainerClient;
 use bytes::Bytes;
 use common::process::Proc;
-use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
@@ -586,23 +584,6 @@ async fn an_unreachable_service_is_unavailable_within_the_request_timeout() {
         Err(LockError::Unavailable { .. })
     ));
     assert!(started.elapsed() < Duration::from_millis(1800));
-}
-
-/// A response body fed by the test, chunk by chunk.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|data| Ok(Frame::data(data))))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,15 +11,14 @@
 
 mod common;
 
+use common::body::ChannelBody;
+
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;
-use std::pin::Pin;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
@@ -34,7 +33,6 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use common::process::Proc;
-use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, Barrier};
 use tower::ServiceExt;
@@ -823,23 +821,6 @@ async fn waiters_of_one_locker_share_one_poller() {
 // ---------------------------------------------------------------------------
 // The Tower layer on this backend
 // ---------------------------------------------------------------------------
-
-/// A response body fed by a channel: it ends when the sender is dropped.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
-    }
-}
 
 type Streams = Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>;
 

@@ -10,12 +10,9 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -24,8 +21,8 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, St
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
+use common::body::ChannelBody;
 use common::*;
-use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Barrier, Notify};
@@ -201,23 +198,6 @@ async fn quick(State(gate): State<Arc<Gate>>, lock: HeldLock) -> String {
         lock.token(),
         gate.released.load(SeqCst)
     )
-}
-
-/// A response body fed by the test, chunk by chunk.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|data| Ok(Frame::data(data))))
-    }
 }
 
 /// `POST /tenants/{tenant}/stream`: a body the test writes through the gate's

@@ -2,6 +2,7 @@
 //! separate clients, and key counting.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod body;
 pub mod process;
 
 use std::future::Future;
