@@ -39,9 +39,25 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const AT_ONCE: Duration = Duration::from_millis(500);
 /// The auth token TTL of the expiry tests (`--auth-token-ttl`).
 const TOKEN_TTL: Duration = Duration::from_secs(2);
+
 /// How long an unused token surely takes to expire: its TTL, plus etcd's
 /// one-second expiry sweep, plus a margin.
 const TOKEN_EXPIRED: Duration = Duration::from_secs(4);
+
+/// An etcd with auth whose tokens expire after [`TOKEN_TTL`] of disuse, and a
+/// user with read-write on the test namespace.
+async fn etcd_with_expiring_tokens() -> (EtcdServer, Credentials) {
+    let etcd = EtcdServer::builder()
+        .auth_token_ttl(TOKEN_TTL)
+        .start()
+        .await
+        .expect("etcd");
+    let user = etcd
+        .add_user("locks", [Permission::read_write(NS).with_prefix()])
+        .await
+        .expect("user");
+    (etcd, user)
+}
 
 fn name(s: &str) -> LockName {
     LockName::new(s).expect("valid lock name")
@@ -565,15 +581,7 @@ async fn a_user_without_permission_is_refused_at_once() {
 /// and released after expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auto_refresh_a_locker_outlives_its_tokens() {
-    let etcd = EtcdServer::builder()
-        .auth_token_ttl(TOKEN_TTL)
-        .start()
-        .await
-        .expect("etcd");
-    let user = etcd
-        .add_user("locks", [Permission::read_write(NS).with_prefix()])
-        .await
-        .expect("user");
+    let (etcd, user) = etcd_with_expiring_tokens().await;
     let a = locker_with(&etcd, as_user(&etcd, &user, true), 3).await;
     let b = locker_with(&etcd, as_user(&etcd, &user, true), 3).await;
     let held = a.try_acquire(&name("long")).await.expect("try");
@@ -616,15 +624,7 @@ async fn with_auto_refresh_a_locker_outlives_its_tokens() {
 /// the name is free one TTL later, without waiting for a shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_refresh_locking_stops_when_the_token_expires() {
-    let etcd = EtcdServer::builder()
-        .auth_token_ttl(TOKEN_TTL)
-        .start()
-        .await
-        .expect("etcd");
-    let user = etcd
-        .add_user("locks", [Permission::read_write(NS).with_prefix()])
-        .await
-        .expect("user");
+    let (etcd, user) = etcd_with_expiring_tokens().await;
     let ttl_secs = 3;
     let stale = locker_with(&etcd, as_user(&etcd, &user, false), ttl_secs).await;
     let fresh = locker_with(&etcd, as_user(&etcd, &user, true), ttl_secs).await;
@@ -688,15 +688,7 @@ async fn without_auto_refresh_locking_stops_when_the_token_expires() {
 /// lifetime) any stream older than the token TTL does this.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_granted_on_a_watch_stream_older_than_the_token() {
-    let etcd = EtcdServer::builder()
-        .auth_token_ttl(TOKEN_TTL)
-        .start()
-        .await
-        .expect("etcd");
-    let user = etcd
-        .add_user("locks", [Permission::read_write(NS).with_prefix()])
-        .await
-        .expect("user");
+    let (etcd, user) = etcd_with_expiring_tokens().await;
     let holder = locker_with(&etcd, as_user(&etcd, &user, true), 3).await;
     let waiter = locker_with(&etcd, as_user(&etcd, &user, true), 3).await;
     let (first, second) = (name("first"), name("second"));
