@@ -2,7 +2,8 @@
 # Installs what building and testing tower-lease-lock needs, only when missing:
 # protoc (etcd-client's build script), etcd (tests, demo), etcdctl (interop
 # tests), procps (kill), curl (the README's quick start, run by a test) and
-# python3 (scripts/check-msrv, CI). Uses apt-get (through sudo when not
+# python3 (scripts/check-msrv, CI); and each command named as an argument
+# (its Debian package of the same name), e.g. `ensure-deps.sh npm`. Uses apt-get (through sudo when not
 # root); elsewhere it says what to install and fails.
 set -euo pipefail
 
@@ -21,11 +22,14 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if ! { [ -x /bin/kill ] || [ -x /usr/bin/kill ]; }; then
   missing+=(procps)
 fi
+for extra in "$@"; do
+  command -v "$extra" >/dev/null 2>&1 || missing+=("$extra")
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "error: missing ${missing[*]} (Debian package names)." >&2
-  echo "Install protoc (protobuf compiler), etcd 3.4+, etcdctl, curl and python3 with your package manager, then retry." >&2
+  echo "Install them (protoc, etcd 3.4+, etcdctl, curl, python3; npm for the emulators) with your package manager, then retry." >&2
   exit 1
 fi
 sudo=""
