@@ -183,15 +183,10 @@ impl LeaseStore for AzureBlobStore {
                 Err(err) => return Err(store_error("acquiring the lease", err)),
             }
         }
-        match fencing::next_token(&blob, lease_id).await {
-            Ok(token) => Ok(Take::Taken { token }),
-            Err(err) => {
-                // Held without a token: give it back (the locker gives it
-                // back again if this answer is lost).
-                let _ = blob.release_lease(lease_id.clone(), None).await;
-                Err(err)
-            }
-        }
+        // Held without a token if this fails: the locker gives back every
+        // take that ends in an error.
+        let token = fencing::next_token(&blob, lease_id).await?;
+        Ok(Take::Taken { token })
     }
 
     async fn renew(&self, name: &LockName, lease_id: &String) -> Result<String, StoreError> {

@@ -289,7 +289,7 @@ impl<S: LeaseStore> Shared<S> {
                 name: name.clone(),
                 holder,
             }),
-            Ok(Err(err @ (StoreError::Refused(_) | StoreError::Gone(_)))) => Err(store_error(err)),
+            // Whatever failed, the take may have left the hold half taken.
             Ok(Err(err)) => {
                 self.give_back_uncertain(name, hold);
                 Err(store_error(err))

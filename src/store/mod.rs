@@ -77,7 +77,9 @@ pub trait LeaseStore: Send + Sync + 'static {
     }
 
     /// Takes `name` with `hold` if it is free: one request (a try costs
-    /// exactly that). `stale`: the holder seen
+    /// exactly that). When it returns an error (or times out), the locker
+    /// gives `hold` back with [`release`](Self::release), so a take that
+    /// fails halfway need not clean up itself. `stale`: the holder seen
     /// before, unchanged for a whole lease on this process's clock; a store
     /// that does not expire leases itself takes over from it (conditioned
     /// on it being still the same).

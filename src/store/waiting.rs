@@ -263,6 +263,9 @@ pub(crate) async fn poll<S: LeaseStore>(shared: Weak<Shared<S>>, name: LockName)
                 backoff.next_pause()
             }
             Ok(Err(StoreError::Refused(reason))) => {
+                if sent.is_some() {
+                    shared.give_back_uncertain(&name, hold);
+                }
                 let err = move || LockError::PermissionDenied {
                     message: reason.clone(),
                     source: None,
