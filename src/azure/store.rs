@@ -105,10 +105,20 @@ impl AzureBlobStore {
         };
         match blob.page_blob_client().create(0, Some(options)).await {
             Ok(_) => Ok(()),
-            Err(err) if is_code(&err, "BlobAlreadyExists") || is_status(&err, 409) => Ok(()),
+            // BlobAlreadyExists (or another 409 about a blob that exists).
+            Err(err) if is_status(&err, 409) => Ok(()),
             Err(err) => Err(store_error("creating the lock blob", err)),
         }
     }
+}
+
+/// The service says the lease is not (or no longer) ours: 409 (broken, or
+/// another lease id holds it), 404 (the blob is gone), 412 (a condition on
+/// a lease that is not ours).
+fn not_ours(err: &azure_core::Error) -> bool {
+    [409, 404, 412]
+        .into_iter()
+        .any(|status| is_status(err, status))
 }
 
 impl LeaseStore for AzureBlobStore {
@@ -192,9 +202,7 @@ impl LeaseStore for AzureBlobStore {
     async fn renew(&self, name: &LockName, lease_id: &String) -> Result<String, StoreError> {
         match self.blob(name).renew_lease(lease_id.clone(), None).await {
             Ok(_) => Ok(lease_id.clone()),
-            // 409: broken, or another lease id holds it; 404: deleted;
-            // 412: conditions on a lease that is not ours.
-            Err(err) if is_status(&err, 409) || is_status(&err, 404) || is_status(&err, 412) => {
+            Err(err) if not_ours(&err) => {
                 let code = super::errors::answer(&err).map(|(_, c)| c.to_owned());
                 Err(StoreError::Gone(format!(
                     "the service refused the renewal ({})",
@@ -208,10 +216,8 @@ impl LeaseStore for AzureBlobStore {
     async fn release(&self, name: &LockName, lease_id: &String) -> Result<(), StoreError> {
         match self.blob(name).release_lease(lease_id.clone(), None).await {
             Ok(_) => Ok(()),
-            // Not (or no longer) ours, or no blob: nothing to give back.
-            Err(err) if is_status(&err, 409) || is_status(&err, 404) || is_status(&err, 412) => {
-                Ok(())
-            }
+            // Nothing to give back.
+            Err(err) if not_ours(&err) => Ok(()),
             Err(err) => Err(store_error("releasing the lease", err)),
         }
     }

@@ -266,12 +266,13 @@ impl<S: LeaseStore> Shared<S> {
         name: &LockName,
         started: std::time::Instant,
     ) -> Result<LockGuard, LockError> {
+        let held_here = self.holds.holds(name);
         let queued = self.queues.get(name).is_some_and(|q| q.has_waiters());
-        if self.holds.holds(name) || queued {
+        if held_here || queued {
             return Err(LockError::Locked {
                 name: name.clone(),
                 holder: Some(Holder {
-                    same_locker: self.holds.holds(name),
+                    same_locker: held_here,
                     ..Holder::default()
                 }),
             });
