@@ -316,6 +316,44 @@ async fn lost_when_renewals_stop_answering() {
     );
 }
 
+/// A guard dropped just before `shutdown()` is released in the background;
+/// shutdown waits for that release, so another process can take the name
+/// as soon as it returns (it returned at once, with the release still on its
+/// way). Azurite is paused so that the release is surely under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_releases_under_way() {
+    let (azurite, _container) = azurite().await;
+    let (a, b) = (locker(&azurite).await, locker(&azurite).await);
+    let guard = a.try_acquire(&name("dropped")).await.expect("a");
+    let pid = azurite.pid().expect("running").to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    drop(guard); // its release waits on the paused service
+    let mut shutdown = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    // What is checked is that shutdown does not return meanwhile.
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut shutdown).await;
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(
+        early.is_err(),
+        "shutdown returned before the release: {early:?}"
+    );
+    soon("the shutdown", shutdown)
+        .await
+        .expect("task")
+        .expect("the release landed");
+    let taken = b
+        .try_acquire(&name("dropped"))
+        .await
+        .expect("free as soon as a shut down");
+    taken.release().await.expect("release");
+}
+
 /// Run as a child process by `a_killed_holder_frees_the_name_within_the_lease`:
 /// takes the lock, says so, and waits to be killed.
 #[tokio::test]

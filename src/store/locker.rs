@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ pub(crate) struct Shared<S: LeaseStore> {
     pub(crate) holds: Arc<Holds<S>>,
     pub(crate) queues: Queues,
     closing: AtomicBool,
+    /// Releases under way (guards released or dropped), and a wake-up
+    /// when the last one ends: shutdown waits for them.
+    releasing: AtomicUsize,
+    released: Notify,
     renewal: Mutex<Option<Arc<Notify>>>,
     requests: AtomicU64,
     observes: AtomicU64,
@@ -86,6 +90,8 @@ impl<S: LeaseStore> StoreLocker<S> {
             holds: Arc::new(Holds::new()),
             queues: Queues::new(),
             closing: AtomicBool::new(false),
+            releasing: AtomicUsize::new(0),
+            released: Notify::new(),
             renewal: Mutex::new(None),
             requests: AtomicU64::new(0),
             observes: AtomicU64::new(0),
@@ -115,7 +121,9 @@ impl<S: LeaseStore> StoreLocker<S> {
     }
 
     /// Refuses new acquisitions, ends waiting ones, releases every lock
-    /// still held (their guards are lost) and stops the renewal task.
+    /// still held (their guards are lost), waits for the releases of guards
+    /// dropped just before (each within the request timeout) and stops the
+    /// renewal task: when it returns, other processes can take the names.
     pub async fn shutdown(&self) -> Result<(), LockError> {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::AcqRel) {
@@ -150,7 +158,43 @@ impl<S: LeaseStore> StoreLocker<S> {
                 }
             }
         }
+        // Releases under way when the shutdown began (guards dropped just
+        // before) finish too, so that another process can take those names
+        // at once. Each ends within the request timeout.
+        let deadline = Instant::now() + shared.timing.request_timeout;
+        loop {
+            let done = shared.released.notified();
+            if shared.releasing.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                failure = Some(LockError::Unavailable {
+                    message: "a release under way did not finish in time at shutdown".into(),
+                    source: None,
+                });
+                break;
+            }
+        }
         failure.map_or(Ok(()), Err)
+    }
+}
+
+/// One release under way, counted from when the guard gave its hold up
+/// until the release ends (or its future is dropped).
+struct Releasing<S: LeaseStore>(Arc<Shared<S>>);
+
+impl<S: LeaseStore> Releasing<S> {
+    fn start(shared: &Arc<Shared<S>>) -> Self {
+        shared.releasing.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl<S: LeaseStore> Drop for Releasing<S> {
+    fn drop(&mut self) {
+        if self.0.releasing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.released.notify_waiters();
+        }
     }
 }
 
@@ -354,7 +398,13 @@ impl<S: LeaseStore> StoreRelease<S> {
     fn release_now(self) -> impl Future<Output = Result<(), LockError>> + Send + 'static {
         let shared = self.shared;
         let taken = shared.as_ref().and_then(|s| s.holds.remove(self.id));
+        // Counted from now, before the future first runs.
+        let releasing = shared
+            .as_ref()
+            .filter(|_| taken.is_some())
+            .map(Releasing::start);
         async move {
+            let _releasing = releasing;
             let (Some(shared), Some((name, hold))) = (shared, taken) else {
                 return Ok(()); // shut down, or released already
             };
