@@ -136,6 +136,38 @@ async fn plain_locker(
     builder.build().expect("locker")
 }
 
+/// Brings back a paused member by restarting it, and waits until it
+/// answers on its own endpoint (so that another member can be paused next
+/// with a quorum up).
+///
+/// Not by thawing it: etcd 3.4.23 (Debian's) has etcd-io/etcd#12528, where a
+/// leader paused longer than a lease's TTL revokes that lease as it resumes,
+/// though the lease was renewed through the new leader all along. Measured
+/// here with keepalives sent only to the followers: thawed, 3 leases revoked
+/// in 6 rounds; restarted, none. A restarted member starts as a follower,
+/// whose lessor revokes nothing.
+async fn bring_back(cluster: &mut EtcdCluster, member: usize) {
+    let endpoint = {
+        let m = cluster.member(member).expect("member");
+        m.restart().expect("restart");
+        m.endpoint().to_string()
+    };
+    common::eventually(
+        "the restarted member answers",
+        Duration::from_secs(20),
+        || {
+            let endpoint = endpoint.clone();
+            async move {
+                match etcd_client::Client::connect([endpoint], None).await {
+                    Ok(mut client) => client.get("probe", None).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+}
+
 /// Retries a try until it succeeds (a request may land on a member that is
 /// still electing a leader).
 async fn take(locker: &EtcdLocker, name: &LockName) -> tower_lease_lock::LockGuard {
@@ -160,7 +192,7 @@ async fn take(locker: &EtcdLocker, name: &LockName) -> tower_lease_lock::LockGua
 /// moves only when it stalls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_granted_whichever_member_stalls() {
-    let cluster = EtcdCluster::start().await.expect("cluster");
+    let mut cluster = EtcdCluster::start().await.expect("cluster");
     let request_timeout = Duration::from_secs(2);
     let holder = cluster_locker(&cluster, 10).await;
     let waiter = plain_locker(&cluster, 10, Some(request_timeout)).await;
@@ -237,7 +269,10 @@ async fn a_waiter_is_granted_whichever_member_stalls() {
             after <= request_timeout + Duration::from_secs(2),
             "member {member} paused: the waiter was granted {after:?} after the release"
         );
-        cluster.members()[member].resume();
+        // The holder's and the waiter's leases are older than this pause
+        // may be long (the release can wait out an election): see
+        // `bring_back`.
+        bring_back(&mut cluster, member).await;
         drop(granted);
     }
     assert!(
@@ -259,21 +294,22 @@ async fn a_waiter_is_granted_whichever_member_stalls() {
 
 /// Issue 8.3: a keepalive stuck on a paused member must not use up the
 /// lease while a quorum is up. A 5 s TTL with the default request timeout
-/// (derived from the TTL); each member paused in turn for 1.5 TTL.
+/// (derived from the TTL); each member paused in turn for 1.5 TTL, then
+/// restarted (see `bring_back`: thawed, a paused leader revokes the lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_keepalive_does_not_use_up_the_lease() {
-    let cluster = EtcdCluster::start().await.expect("cluster");
+    let mut cluster = EtcdCluster::start().await.expect("cluster");
     let locker = plain_locker(&cluster, 5, None).await;
     let name = LockName::new("keepalive").unwrap();
     let guard = take(&locker, &name).await;
     for member in 0..3 {
         cluster.members()[member].pause();
         let lost = tokio::time::timeout(Duration::from_millis(7500), guard.lost()).await;
-        cluster.members()[member].resume();
         assert!(
             lost.is_err(),
             "the lease was lost with only member {member} paused: {lost:?}"
         );
+        bring_back(&mut cluster, member).await;
     }
     assert!(!guard.is_lost());
     guard.release().await.ok();

@@ -163,12 +163,12 @@ impl EtcdMember {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Kills the member at once (SIGKILL) and reaps it.
+    /// Kills the member at once (SIGKILL) and reaps it. A paused member dies
+    /// without running again: it is not thawed first, so it cannot act on
+    /// what it missed (a leader paused past a lease's TTL would revoke it).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if self.paused.swap(false, Ordering::Relaxed) {
-                signal(child.id(), "CONT");
-            }
+            self.paused.store(false, Ordering::Relaxed);
             let _ = child.kill();
             let _ = child.wait();
             if let Some(dir) = std::env::var_os(PID_DIR_VAR) {
@@ -186,6 +186,12 @@ impl EtcdMember {
     }
 
     /// Thaws a paused member (SIGCONT).
+    ///
+    /// On etcd before the fix of etcd-io/etcd#12528 (pull request 16822, 2023;
+    /// Debian's 3.4.23 predates it), a leader paused longer than a lease's TTL
+    /// may revoke that lease when it is thawed, though the lease was renewed
+    /// through the new leader all along. Where a test pauses a member that
+    /// may lead for that long, [`restart`](Self::restart) it instead.
     pub fn resume(&self) {
         if let Some(pid) = self.pid() {
             signal(pid, "CONT");
