@@ -147,25 +147,10 @@ async fn plain_locker(
 /// in 6 rounds; restarted, none. A restarted member starts as a follower,
 /// whose lessor revokes nothing.
 async fn bring_back(cluster: &mut EtcdCluster, member: usize) {
-    let endpoint = {
-        let m = cluster.member(member).expect("member");
-        m.restart().expect("restart");
-        m.endpoint().to_string()
-    };
-    common::eventually(
-        "the restarted member answers",
-        Duration::from_secs(20),
-        || {
-            let endpoint = endpoint.clone();
-            async move {
-                match etcd_client::Client::connect([endpoint], None).await {
-                    Ok(mut client) => client.get("probe", None).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        },
-    )
-    .await;
+    cluster
+        .restart_member(member)
+        .await
+        .unwrap_or_else(|e| panic!("restart member {member}: {e}"));
 }
 
 /// Retries a try until it succeeds (a request may land on a member that is

@@ -432,6 +432,19 @@ impl EtcdCluster {
         self.members.get_mut(i)
     }
 
+    /// Restarts member `i` (on the same ports and data dir) and waits until
+    /// that member itself answers, so that another can be stopped next
+    /// with a quorum up. Also the way to bring back a paused member that may
+    /// have led: see [`EtcdMember::resume`].
+    pub async fn restart_member(&mut self, i: usize) -> io::Result<()> {
+        let member = self
+            .members
+            .get_mut(i..=i)
+            .ok_or_else(|| io::Error::other(format!("no member {i}")))?;
+        member[0].restart()?;
+        wait_ready(member, &ConnectOptions::new()).await
+    }
+
     /// Waits until the cluster answers (after members were restarted).
     pub async fn wait_ready(&mut self) -> io::Result<()> {
         wait_ready(&mut self.members, &ConnectOptions::new()).await
