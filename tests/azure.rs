@@ -8,7 +8,6 @@ mod common;
 
 use common::body::ChannelBody;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -293,17 +292,12 @@ async fn lost_when_renewals_stop_answering() {
     let (azurite, _container) = azurite().await;
     let a = locker(&azurite).await;
     let guard = a.try_acquire(&name("frozen")).await.expect("a");
-    let pid = azurite.pid().expect("running").to_string();
     let stopped = Instant::now();
-    let status = Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    azurite.pause().expect("pause Azurite");
     // The renewals time out; the lease's local deadline (15 s minus a 1 s
     // margin, from the last renewal sent) fires the signal.
     let lost = tokio::time::timeout(Duration::from_secs(25), guard.lost()).await;
-    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    azurite.resume().expect("resume Azurite");
     let reason = lost.expect("lost within the lease");
     let after = stopped.elapsed();
     assert!(
@@ -325,12 +319,7 @@ async fn shutdown_waits_for_releases_under_way() {
     let (azurite, _container) = azurite().await;
     let (a, b) = (locker(&azurite).await, locker(&azurite).await);
     let guard = a.try_acquire(&name("dropped")).await.expect("a");
-    let pid = azurite.pid().expect("running").to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    azurite.pause().expect("pause Azurite");
     drop(guard); // its release waits on the paused service
     let mut shutdown = tokio::spawn({
         let a = a.clone();
@@ -338,7 +327,7 @@ async fn shutdown_waits_for_releases_under_way() {
     });
     // What is checked is that shutdown does not return meanwhile.
     let early = tokio::time::timeout(Duration::from_millis(500), &mut shutdown).await;
-    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    azurite.resume().expect("resume Azurite");
     assert!(
         early.is_err(),
         "shutdown returned before the release: {early:?}"
@@ -357,6 +346,7 @@ async fn shutdown_waits_for_releases_under_way() {
 /// Run as a child process by `a_killed_holder_frees_the_name_within_the_lease`:
 /// takes the lock, says so, and waits to be killed.
 #[tokio::test]
+#[ignore = "helper process of a_killed_holder_frees_the_name_within_the_lease"]
 async fn child_holder() {
     let Ok(url) = std::env::var("TLL_AZURE_CHILD_CONTAINER") else {
         return; // not the child
@@ -371,7 +361,7 @@ async fn child_holder() {
         .try_acquire(&name("killed"))
         .await
         .expect("child holds");
-    println!("held {}", guard.token());
+    common::process::say_held(guard.token());
     std::future::pending::<()>().await;
 }
 
@@ -379,28 +369,12 @@ async fn child_holder() {
 async fn a_killed_holder_frees_the_name_within_the_lease() {
     let (azurite, _container) = azurite().await;
     let url = azurite.container_url("locks").expect("url");
-    let mut child = Proc::spawn(
+    let mut child = Proc::spawn_child_test(
         "child holder",
-        Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "--exact",
-                "child_holder",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env("TLL_AZURE_CHILD_CONTAINER", url.as_str()),
+        "child_holder",
+        &[("TLL_AZURE_CHILD_CONTAINER", url.as_str())],
     );
-    let token: u64 = loop {
-        let line = child
-            .next_line(Duration::from_secs(30))
-            .await
-            .expect("the child says it holds the lock");
-        // libtest may print "test child_holder ... " on the same line.
-        if let Some((_, token)) = line.split_once("held ") {
-            break token.trim().parse().expect("token");
-        }
-    };
+    let token = child.held_token(Duration::from_secs(30)).await;
     child.kill();
     let killed = Instant::now();
 

@@ -15,8 +15,6 @@ use common::body::ChannelBody;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -257,11 +255,7 @@ async fn dynamodb_holder_child() {
         .build()
         .expect("build");
     let guard = locker.try_acquire(&lock).await.expect("child acquires");
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "HELD {}", guard.token()).expect("write");
-        out.flush().expect("flush");
-    }
+    common::process::say_held(guard.token());
     // Heartbeats go on until the parent kills this process.
     tokio::time::sleep(Duration::from_secs(60)).await;
     drop(guard);
@@ -271,27 +265,15 @@ async fn dynamodb_holder_child() {
 async fn killed_holder_is_taken_over_after_one_lease() {
     let (dynalite, waiter) = setup().await;
     let lock = name("killed-holder");
-    let mut child = Proc::spawn(
+    let mut child = Proc::spawn_child_test(
         "holder child",
-        Command::new(std::env::current_exe().expect("exe"))
-            .args([
-                "dynamodb_holder_child",
-                "--exact",
-                "--nocapture",
-                "--ignored",
-            ])
-            .env(CHILD_ENDPOINT, dynalite.endpoint())
-            .env(CHILD_NAME, lock.as_str()),
+        "dynamodb_holder_child",
+        &[
+            (CHILD_ENDPOINT, dynalite.endpoint()),
+            (CHILD_NAME, lock.as_str()),
+        ],
     );
-    let child_token: u64 = loop {
-        let line = child
-            .next_line(Duration::from_secs(30))
-            .await
-            .expect("the child exited before it held the lock");
-        if let Some(at) = line.find("HELD ") {
-            break line[at + 5..].trim().parse().expect("token");
-        }
-    };
+    let child_token = child.held_token(Duration::from_secs(30)).await;
     // Held, and kept alive by its heartbeats for longer than a lease.
     let before = item(&dynalite, &lock).await.expect("item")["rvn"].clone();
     tokio::time::sleep(LEASE + HEARTBEAT).await;
@@ -535,25 +517,16 @@ async fn lost_when_the_item_is_changed_from_outside() {
     wait_idle(&a).await;
 }
 
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_when_heartbeats_stop() {
     let (dynalite, a) = setup().await;
     let lock = name("frozen");
     let guard = a.try_acquire(&lock).await.expect("acquire");
     let acquired = Instant::now();
-    let pid = dynalite.pid().expect("pid");
-    signal(pid, "-STOP");
+    dynalite.pause().expect("pause dynalite");
     let reason = soon("lost()", guard.lost()).await;
     let after = acquired.elapsed();
-    signal(pid, "-CONT");
+    dynalite.resume().expect("resume dynalite");
     // The local deadline: at most a lease (minus its margin) after the last
     // confirmed heartbeat was sent.
     assert!(after <= LEASE, "lost {after:?} after the acquisition");

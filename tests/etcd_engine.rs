@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -513,11 +512,7 @@ async fn holder_process_child() {
         .acquire(&lock_name, Duration::from_secs(10))
         .await
         .expect("child acquires");
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "HELD {}", guard.token()).expect("write");
-        out.flush().expect("flush");
-    }
+    common::process::say_held(guard.token());
     tokio::time::sleep(Duration::from_secs(60)).await;
     drop(guard);
 }
@@ -528,28 +523,15 @@ async fn killed_holder_process() {
     let b = locker(&etcd, 5).await;
     let lock_name = name("killed-holder");
 
-    let exe = std::env::current_exe().expect("current exe");
-    let mut child = Proc::spawn(
+    let mut child = Proc::spawn_child_test(
         "holder child",
-        Command::new(exe)
-            .args([
-                "holder_process_child",
-                "--exact",
-                "--nocapture",
-                "--ignored",
-            ])
-            .env(CHILD_ENDPOINT, &etcd.endpoints()[0])
-            .env(CHILD_NAME, lock_name.as_str()),
+        "holder_process_child",
+        &[
+            (CHILD_ENDPOINT, &etcd.endpoints()[0]),
+            (CHILD_NAME, lock_name.as_str()),
+        ],
     );
-    let child_token: u64 = loop {
-        let line = child
-            .next_line(Duration::from_secs(30))
-            .await
-            .expect("the child exited before it held the lock");
-        if let Some(at) = line.find("HELD ") {
-            break line[at + 5..].trim().parse().expect("token");
-        }
-    };
+    let child_token = child.held_token(Duration::from_secs(30)).await;
 
     let holder = expect_locked(b.try_acquire(&lock_name).await);
     assert_eq!(holder.token, Some(child_token));

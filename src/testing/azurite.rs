@@ -122,6 +122,17 @@ impl Azurite {
         self.process.pid()
     }
 
+    /// Freezes the emulator (SIGSTOP): its connections stay open and it
+    /// answers nothing until [`resume`](Self::resume); requests time out.
+    pub fn pause(&self) -> io::Result<()> {
+        self.process.pause()
+    }
+
+    /// Thaws a paused emulator (SIGCONT).
+    pub fn resume(&self) -> io::Result<()> {
+        self.process.resume()
+    }
+
     /// Kills the emulator at once (SIGKILL); everything it stored is lost.
     pub fn kill(&mut self) {
         self.process.kill();

@@ -179,6 +179,22 @@ impl EmulatorProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Freezes the emulator (SIGSTOP): it keeps its sockets but answers
+    /// nothing until [`resume`](Self::resume).
+    pub(super) fn pause(&self) -> io::Result<()> {
+        super::signal(self.running()?, "STOP")
+    }
+
+    /// Thaws a paused emulator (SIGCONT).
+    pub(super) fn resume(&self) -> io::Result<()> {
+        super::signal(self.running()?, "CONT")
+    }
+
+    fn running(&self) -> io::Result<u32> {
+        self.pid()
+            .ok_or_else(|| io::Error::other(format!("{} is not running", self.kind)))
+    }
+
     /// Kills the emulator at once (SIGKILL), reaps it and removes its pid file.
     pub(super) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -180,7 +180,7 @@ impl EtcdMember {
     /// Freezes the member (SIGSTOP): it keeps its sockets but answers nothing.
     pub fn pause(&self) {
         if let Some(pid) = self.pid() {
-            signal(pid, "STOP");
+            let _ = super::signal(pid, "STOP");
             self.paused.store(true, Ordering::Relaxed);
         }
     }
@@ -194,7 +194,7 @@ impl EtcdMember {
     /// may lead for that long, [`restart`](Self::restart) it instead.
     pub fn resume(&self) {
         if let Some(pid) = self.pid() {
-            signal(pid, "CONT");
+            let _ = super::signal(pid, "CONT");
             self.paused.store(false, Ordering::Relaxed);
         }
     }
@@ -231,13 +231,6 @@ impl EtcdMember {
         self.kill();
         self.spawn()
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 impl Drop for EtcdMember {

@@ -58,3 +58,19 @@ pub use proxy::{ProxyMode, TcpProxy};
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tls::{TestCertificates, CLIENT_CERT_NAME};
+
+/// Sends `sig` (`STOP`, `CONT`, ...) to a process this module started, by
+/// pid, through the `kill` command.
+fn signal(pid: u32, sig: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "kill -{sig} {pid}: {status}"
+        )))
+    }
+}

@@ -1,7 +1,7 @@
 //! Child processes for tests: stdout lines on a channel with their arrival
 //! times, stderr kept for the failure report, stopped and reaped on every path.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,6 +110,44 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Starts `child_test`, an ignored test of this same test binary, in a
+    /// child process with `envs` (the test does nothing without them).
+    pub fn spawn_child_test(what: &str, child_test: &str, envs: &[(&str, &str)]) -> Self {
+        let exe = std::env::current_exe().expect("the test binary");
+        Self::spawn(
+            what,
+            Command::new(exe)
+                .args([child_test, "--exact", "--nocapture", "--ignored"])
+                .envs(envs.iter().copied()),
+        )
+    }
+
+    /// Waits for the line [`say_held`] prints in the child and returns its
+    /// token. Panics if the child exits first, or is silent for `limit`.
+    pub async fn held_token(&mut self, limit: Duration) -> u64 {
+        loop {
+            let line = self
+                .next_line(limit)
+                .await
+                .unwrap_or_else(|| panic!("{} exited before it held its lock", self.what));
+            // libtest may print "test <name> ... " ahead of it on the line.
+            if let Some((_, token)) = line.split_once(HELD) {
+                return token.trim().parse().expect("a token after HELD");
+            }
+        }
+    }
+}
+
+/// What a child prints once it holds its lock, before the token.
+const HELD: &str = "HELD ";
+
+/// In a child started by [`Proc::spawn_child_test`]: tells the parent the
+/// lock is held, with its token (flushed at once: stdout is a pipe).
+pub fn say_held(token: u64) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{HELD}{token}").expect("write");
+    out.flush().expect("flush");
 }
 
 fn signal(pid: u32, sig: &str) {
