@@ -385,6 +385,39 @@ fn timing(c: usize, worker: usize, round: usize) -> (Duration, Duration) {
     )
 }
 
+/// One worker's holds: each round it waits for the others, pauses, takes
+/// the lock with `acquire`, holds it and gives it back with `release`.
+async fn rounds<H, A, R>(
+    c: usize,
+    worker: usize,
+    barrier: &Barrier,
+    acquire: impl Fn() -> A,
+    release: impl Fn(H) -> R,
+) -> Vec<Span>
+where
+    A: std::future::Future<Output = H>,
+    R: std::future::Future<Output = ()>,
+{
+    let mut spans = Vec::new();
+    for round in 0..ROUNDS {
+        barrier.wait().await;
+        let (start, hold) = timing(c, worker, round);
+        tokio::time::sleep(start).await;
+        let trying = Instant::now();
+        let held = acquire().await;
+        let acquired = Instant::now();
+        tokio::time::sleep(hold).await;
+        let released = Instant::now();
+        release(held).await;
+        spans.push(Span {
+            trying,
+            acquired,
+            released,
+        });
+    }
+    spans
+}
+
 /// Gaps between one holder's release and the next holder's acquisition,
 /// C workers each taking the lock once per round; and the requests sent per
 /// acquisition (polls, takes and releases alike).
@@ -433,27 +466,20 @@ async fn contention(dynalite: &Dynalite, report: &mut Report) {
         let (ours, ours_per_acq) = handoffs(c, &requests, |i, barrier| {
             let (locker, lock) = (lockers[i].clone(), lock.clone());
             async move {
-                let mut spans = Vec::new();
-                for round in 0..ROUNDS {
-                    barrier.wait().await;
-                    let (start, hold) = timing(c, i, round);
-                    tokio::time::sleep(start).await;
-                    let trying = Instant::now();
-                    let guard = locker
-                        .acquire(&lock, Duration::from_secs(60))
-                        .await
-                        .expect("acquire");
-                    let acquired = Instant::now();
-                    tokio::time::sleep(hold).await;
-                    let released = Instant::now();
-                    guard.release().await.expect("release");
-                    spans.push(Span {
-                        trying,
-                        acquired,
-                        released,
-                    });
-                }
-                spans
+                let (locker, lock) = (&locker, &lock);
+                rounds(
+                    c,
+                    i,
+                    &barrier,
+                    move || async move {
+                        locker
+                            .acquire(lock, Duration::from_secs(60))
+                            .await
+                            .expect("acquire")
+                    },
+                    |guard| async move { guard.release().await.expect("release") },
+                )
+                .await
             }
         })
         .await;
@@ -471,24 +497,15 @@ async fn contention(dynalite: &Dynalite, report: &mut Report) {
                 let (client, id) = (clients[i].clone(), id.clone());
                 async move {
                     let owner = format!("worker-{i}");
-                    let mut spans = Vec::new();
-                    for round in 0..ROUNDS {
-                        barrier.wait().await;
-                        let (start, hold) = timing(c, i, round);
-                        tokio::time::sleep(start).await;
-                        let trying = Instant::now();
-                        seed_acquire(&client, &id, &owner, interval).await;
-                        let acquired = Instant::now();
-                        tokio::time::sleep(hold).await;
-                        let released = Instant::now();
-                        seed_release(&client, &id, &owner).await;
-                        spans.push(Span {
-                            trying,
-                            acquired,
-                            released,
-                        });
-                    }
-                    spans
+                    let (client, id, owner) = (&client, &id, &owner);
+                    rounds(
+                        c,
+                        i,
+                        &barrier,
+                        move || seed_acquire(client, id, owner, interval),
+                        move |()| seed_release(client, id, owner),
+                    )
+                    .await
                 }
             })
             .await;
