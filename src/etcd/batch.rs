@@ -18,9 +18,10 @@
 //! - Every key written by a batch gets the batch's revision, and nested
 //!   responses carry a header with revision 0: each op's [`Answer`] carries
 //!   the outer revision.
-//! - A batch refused for a missing lease ("requested lease not found") or
-//!   for too many operations applied nothing: its ops are sent again, alone
-//!   or in halves, so that one bad lease fails only its own ops.
+//! - A batch etcd refused applied nothing (one op's missing lease, a key
+//!   the user may not write, too many operations): its ops are sent again,
+//!   alone or in halves, so that each gets its own answer and one bad op
+//!   fails only itself.
 //! - A batch that fails otherwise (a timeout, a reset connection) leaves the
 //!   outcome of every op unknown, as for a request of its own.
 
@@ -49,6 +50,16 @@ pub(crate) enum Write {
     Txn(Txn),
     /// A plain delete (a release).
     Delete(Vec<u8>),
+}
+
+impl Write {
+    /// The request's name, for messages.
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Txn(_) => "txn",
+            Self::Delete(_) => "delete",
+        }
+    }
 }
 
 /// What etcd answered one write.
@@ -212,7 +223,10 @@ impl Batcher {
                 return send_alone(self.kv.clone(), write, timeout).await;
             }
         }
+        let what = write.what();
         let state = Arc::new(AtomicU8::new(QUEUED));
+        // Dropped while still queued (its caller gave up): never sent.
+        let _withdraw_on_drop = Withdraw(Arc::clone(&state));
         let (reply, answer) = oneshot::channel();
         let op = Op {
             name,
@@ -228,25 +242,20 @@ impl Batcher {
                 maybe_applied: false,
             });
         }
+        let queued = Instant::now();
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Failed {
                 error: unavailable("the batch task stopped"),
                 maybe_applied: state.load(Ordering::Acquire) == SENT,
             }),
-            Err(_) => {
-                let withdrawn = state
-                    .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                let waited = self.request_timeout.min(Duration::from_secs(3600));
-                Err(Failed {
-                    error: LockError::Unavailable {
-                        message: format!("etcd txn did not answer within {waited:?}"),
-                        source: None,
-                    },
-                    maybe_applied: !withdrawn,
-                })
-            }
+            Err(_) => Err(Failed {
+                error: LockError::Unavailable {
+                    message: format!("etcd {what} did not answer within {:?}", queued.elapsed()),
+                    source: None,
+                },
+                maybe_applied: !withdraw(&state),
+            }),
         }
     }
 
@@ -274,6 +283,23 @@ impl Batcher {
                 tx
             }
         }
+    }
+}
+
+/// Withdraws a queued op: `true` when it was still queued (and now never
+/// will be sent), `false` when it was sent already.
+fn withdraw(state: &AtomicU8) -> bool {
+    state
+        .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// Withdraws its op when dropped, unless it was sent already.
+struct Withdraw(Arc<AtomicU8>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        withdraw(&self.0);
     }
 }
 
@@ -459,16 +485,7 @@ impl Sender {
         let resp = match sent {
             Ok(resp) => resp,
             Err(err) => {
-                let refusal = if rpc::lock_error_is_lease_not_found(&err)
-                    || lock_error_says(&err, "duplicate key")
-                {
-                    Some(Refusal::Alone)
-                } else if lock_error_says(&err, "too many operations") {
-                    Some(Refusal::TooBig)
-                } else {
-                    None
-                };
-                if let Some(refusal) = refusal {
+                if let Some(refusal) = Refusal::of(&err) {
                     self.stats.resent.fetch_add(1, Ordering::Relaxed);
                     let batch = kept
                         .into_iter()
@@ -486,12 +503,8 @@ impl Sender {
                 // not applied, as the request's).
                 let maybe_applied = !rpc::certainly_not_applied(&err);
                 for reply in replies {
-                    let error = LockError::Unavailable {
-                        message: err.to_string(),
-                        source: None,
-                    };
                     let _ = reply.send(Err(Failed {
-                        error,
+                        error: rpc::copy_error(&err),
                         maybe_applied,
                     }));
                 }
@@ -523,17 +536,140 @@ type Unsent = (Arc<str>, Write, Arc<AtomicU8>);
 enum Refusal {
     /// Too many operations: send it in halves.
     TooBig,
-    /// One op spoiled it (a missing lease): send each op alone.
+    /// An op spoiled it (a missing lease, a key the user may not write, a
+    /// key written twice): send each op alone, for its own answer.
     Alone,
 }
 
-fn lock_error_says(err: &LockError, what: &str) -> bool {
-    let text = match err {
-        LockError::Unavailable {
-            message,
-            source: Some(source),
-        } => format!("{message} {source}"),
-        other => other.to_string(),
-    };
-    text.contains(what)
+impl Refusal {
+    /// How etcd refused the batch that failed with `err`, if it refused it:
+    /// an answer from etcd that certainly applied nothing.
+    fn of(err: &LockError) -> Option<Self> {
+        let status = rpc::status_of(err)?;
+        if status.message().contains("too many operations") {
+            Some(Self::TooBig)
+        } else {
+            rpc::certainly_not_applied(err).then_some(Self::Alone)
+        }
+    }
+}
+
+#[cfg(all(test, feature = "test-util"))]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+
+    use super::*;
+    use crate::testing::EtcdServer;
+
+    fn put(key: &str) -> Write {
+        Write::Txn(Txn::new().and_then([TxnOp::put(key, "v", None)]))
+    }
+
+    async fn exists(etcd: &EtcdServer, key: &str) -> bool {
+        let mut client = etcd.client().await.expect("client");
+        let resp = client.get(key, None).await.expect("get");
+        !resp.kvs().is_empty()
+    }
+
+    /// Waits (bounded) until `done` holds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// etcd refuses a whole batch for one op (here a put without a key; in
+    /// production a missing lease or a key the user may not write): the
+    /// others must still be applied, each op getting its own answer. They
+    /// all failed with the refusal, as "unavailable", when only a missing
+    /// lease or a duplicate key was recognised by its text.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_refused_for_one_op_applies_the_others() {
+        let etcd = EtcdServer::start().await.expect("etcd");
+        let client = etcd.client().await.expect("client");
+        let sender = Sender {
+            kv: client.kv_client(),
+            request_timeout: Duration::from_secs(2),
+            max_ops: Arc::new(AtomicUsize::new(MAX_OPS)),
+            stats: Arc::new(BatchStats::default()),
+        };
+        let mut answers = Vec::new();
+        let batch = [("a", put("a")), ("bad", put("")), ("b", put("b"))]
+            .into_iter()
+            .map(|(name, write)| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Op {
+                    name: name.into(),
+                    write,
+                    state: Arc::new(AtomicU8::new(SENT)),
+                    reply,
+                }
+            })
+            .collect();
+        sender.send(batch).await;
+        let mut results = Vec::new();
+        for answer in answers {
+            results.push(answer.await.expect("answered"));
+        }
+        assert!(results[0].is_ok(), "a: {:?}", results[0]);
+        assert!(results[2].is_ok(), "b: {:?}", results[2]);
+        let refused = results[1].as_ref().expect_err("the op without a key");
+        assert!(!refused.maybe_applied, "{refused:?}");
+        assert!(exists(&etcd, "a").await && exists(&etcd, "b").await);
+        assert_eq!(sender.stats.resent.load(Ordering::Relaxed), 1);
+    }
+
+    /// A write whose caller gives up while it waits in the queue is never
+    /// sent: it was sent when a slot freed, after its caller had been told
+    /// it was not applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_write_dropped_by_its_caller_is_never_sent() {
+        let mut etcd = EtcdServer::start().await.expect("etcd");
+        let client = etcd.client().await.expect("client");
+        let batcher = Arc::new(Batcher::new(
+            client.kv_client(),
+            Duration::from_secs(5),
+            true,
+        ));
+        let later = || Instant::now() + Duration::from_secs(10);
+        // Every slot taken by a write the paused etcd cannot answer yet.
+        etcd.member().pause();
+        let hung: Vec<_> = (0..IN_FLIGHT)
+            .map(|i| {
+                let (batcher, key) = (Arc::clone(&batcher), format!("hung{i}"));
+                tokio::spawn(
+                    async move { batcher.write(key.as_str().into(), put(&key), later()).await },
+                )
+            })
+            .collect();
+        until("every slot in flight", || {
+            batcher.slots.in_flight.load(Ordering::Acquire) == IN_FLIGHT
+        })
+        .await;
+        // A write queued behind them, dropped by its caller.
+        let mut queued = Box::pin(batcher.write("k".into(), put("k"), later()));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut queued).poll(cx))).await;
+        assert!(polled.is_pending(), "it waits for a slot");
+        assert_eq!(batcher.slots.queued.load(Ordering::Acquire), 1);
+        drop(queued);
+
+        etcd.member().resume();
+        for task in hung {
+            task.await
+                .expect("task")
+                .expect("answered once etcd resumed");
+        }
+        until("the queue dealt with", || {
+            batcher.slots.queued.load(Ordering::Acquire) == 0
+                && batcher.slots.in_flight.load(Ordering::Acquire) == 0
+        })
+        .await;
+        assert!(!exists(&etcd, "k").await, "the dropped write was sent");
+        assert!(exists(&etcd, "hung0").await);
+    }
 }

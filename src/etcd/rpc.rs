@@ -326,6 +326,34 @@ fn source_of(err: &LockError) -> Option<&etcd_client::Error> {
     }
 }
 
+/// etcd's answer under a mapped error, when etcd answered with an error.
+pub(crate) fn status_of(err: &LockError) -> Option<&tonic::Status> {
+    match source_of(err)? {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        _ => None,
+    }
+}
+
+/// The same error again, for each of the writes that shared one request:
+/// its kind, its message and, when etcd answered, etcd's status as source.
+pub(crate) fn copy_error(err: &LockError) -> LockError {
+    let source = status_of(err).map(|status| etcd_client::Error::GRpcStatus(status.clone()).into());
+    match err {
+        LockError::PermissionDenied { message, .. } => LockError::PermissionDenied {
+            message: message.clone(),
+            source,
+        },
+        LockError::Unavailable { message, .. } => LockError::Unavailable {
+            message: message.clone(),
+            source,
+        },
+        other => LockError::Unavailable {
+            message: other.to_string(),
+            source,
+        },
+    }
+}
+
 /// The same test on a mapped error.
 pub(crate) fn lock_error_is_lease_not_found(err: &LockError) -> bool {
     source_of(err).is_some_and(is_lease_not_found)
