@@ -310,6 +310,46 @@ async fn lost_when_renewals_stop_answering() {
     );
 }
 
+/// A try dropped at any point (before its take was sent, with it in
+/// flight, with its answer unread) gives back whatever it may have taken:
+/// another locker takes the name at once. A try dropped with its lease
+/// acquired on the blob left that lease to expire (never, for an infinite
+/// lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_dropped_at_any_point_leaves_the_name_free() {
+    use std::future::Future;
+    use std::task::Poll;
+    let (azurite, _container) = azurite().await;
+    let (a, b) = (locker(&azurite).await, locker(&azurite).await);
+    for polls in 1..=6 {
+        let lock = name(&format!("dropped-try-{polls}"));
+        let mut trying = Box::pin(a.try_acquire(&lock));
+        for _ in 0..polls {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(trying.as_mut().poll(cx))).await;
+            if polled.is_ready() {
+                break; // a guard, dropped at once (released), or an error
+            }
+            // Time for the request to reach Azurite and its answer to
+            // come back, unread.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        drop(trying);
+        let started = Instant::now();
+        let guard = loop {
+            match b.try_acquire(&lock).await {
+                Ok(guard) => break guard,
+                Err(err) => assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "dropped after {polls} polls: the name is still taken ({err}), \
+                     well within the 15 s lease"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        guard.release().await.expect("release");
+    }
+}
+
 /// A guard dropped just before `shutdown()` is released in the background;
 /// shutdown waits for that release, so another process can take the name
 /// as soon as it returns (it returned at once, with the release still on its

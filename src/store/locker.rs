@@ -321,31 +321,38 @@ impl<S: LeaseStore> Shared<S> {
                 }),
             });
         }
-        let hold = self.store.new_hold();
+        // Given back unless it is known to be taken (a guard) or refused:
+        // whatever failed, or if this future is dropped while the take is
+        // under way, the take may have left the hold half taken.
+        let mut pending = Pending {
+            shared: self,
+            name,
+            hold: self.store.new_hold(),
+            armed: true,
+        };
         let sent = Instant::now();
         let timeout = self.timing.request_timeout;
-        let outcome = tokio::time::timeout(timeout, self.store.take(name, &hold, None)).await;
+        let outcome =
+            tokio::time::timeout(timeout, self.store.take(name, &pending.hold, None)).await;
         self.count_request();
         match outcome {
             Ok(Ok(Take::Taken { token })) => {
+                pending.armed = false;
+                let hold = pending.hold.clone();
                 Ok(self.guard(name, hold, token, sent, started.elapsed()))
             }
-            Ok(Ok(Take::Busy(Busy { holder, .. }))) => Err(LockError::Locked {
-                name: name.clone(),
-                holder,
-            }),
-            // Whatever failed, the take may have left the hold half taken.
-            Ok(Err(err)) => {
-                self.give_back_uncertain(name, hold);
-                Err(store_error(err))
-            }
-            Err(_) => {
-                self.give_back_uncertain(name, hold);
-                Err(LockError::Unavailable {
-                    message: format!("the store did not answer within {timeout:?}"),
-                    source: None,
+            Ok(Ok(Take::Busy(Busy { holder, .. }))) => {
+                pending.armed = false; // refused: nothing to give back
+                Err(LockError::Locked {
+                    name: name.clone(),
+                    holder,
                 })
             }
+            Ok(Err(err)) => Err(store_error(err)),
+            Err(_) => Err(LockError::Unavailable {
+                message: format!("the store did not answer within {timeout:?}"),
+                source: None,
+            }),
         }
     }
 
@@ -355,9 +362,9 @@ impl<S: LeaseStore> Shared<S> {
         timeout: Duration,
         started: std::time::Instant,
     ) -> Result<LockGuard, LockError> {
-        let (mut place, start) = self.queues.join(name);
-        if start {
-            tokio::spawn(waiting::poll(self.this.clone(), name.clone()));
+        let (mut place, poller) = self.queues.join(name);
+        if let Some(queue) = poller {
+            tokio::spawn(waiting::poll(self.this.clone(), name.clone(), queue));
         }
         let deadline = started.checked_add(timeout).map(Instant::from_std);
         let granted = match deadline {
@@ -375,6 +382,24 @@ impl<S: LeaseStore> Shared<S> {
                 name: name.clone(),
                 waited: started.elapsed(),
             }),
+        }
+    }
+}
+
+/// A hold whose take is under way or failed: given back when dropped while
+/// armed (disarmed once the take succeeded or was refused).
+struct Pending<'a, S: LeaseStore> {
+    shared: &'a Shared<S>,
+    name: &'a LockName,
+    hold: S::Hold,
+    armed: bool,
+}
+
+impl<S: LeaseStore> Drop for Pending<'_, S> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared
+                .give_back_uncertain(self.name, self.hold.clone());
         }
     }
 }

@@ -129,11 +129,16 @@ impl Queues {
         lock(&self.names).values().cloned().collect()
     }
 
-    /// Takes a place at the end of `name`'s queue; returns it, and whether a
-    /// poller must be started for the name.
-    pub(crate) fn join(&self, name: &LockName) -> (Place, bool) {
+    /// Takes a place at the end of `name`'s queue; returns it, and the queue
+    /// when a poller must be started for it ([`poll`]).
+    pub(crate) fn join(&self, name: &LockName) -> (Place, Option<Arc<NameQueue>>) {
+        // The names stay locked until the place is taken (in the order
+        // `leave_if_idle` locks them): a poller that finds the queue empty
+        // cannot remove it between the lookup and the push, leaving this
+        // waiter on a queue nobody polls.
+        let mut names = lock(&self.names);
         let queue = Arc::clone(
-            lock(&self.names)
+            names
                 .entry(name.clone())
                 .or_insert_with(|| Arc::new(NameQueue::new())),
         );
@@ -147,8 +152,10 @@ impl Queues {
             waiters.polling = true;
             (id, start)
         };
+        drop(names);
         // No wake-up: a poller already running polls for everyone queued.
-        (Place { queue, id, granted }, start)
+        let poller = start.then(|| Arc::clone(&queue));
+        (Place { queue, id, granted }, poller)
     }
 
     /// The poller is done with `name` if nobody waits; the queue goes.
@@ -168,12 +175,13 @@ impl Queues {
     }
 }
 
-/// Polls `name` for its waiters until none is left.
-pub(crate) async fn poll<S: LeaseStore>(shared: Weak<Shared<S>>, name: LockName) {
+/// Polls `name` for the waiters of its `queue` until none is left.
+pub(crate) async fn poll<S: LeaseStore>(
+    shared: Weak<Shared<S>>,
+    name: LockName,
+    queue: Arc<NameQueue>,
+) {
     let Some(first) = shared.upgrade() else {
-        return;
-    };
-    let Some(queue) = first.queues.get(&name) else {
         return;
     };
     let mut backoff = Backoff::new(first.busy_wait);
