@@ -37,7 +37,7 @@ use tower::ServiceExt;
 use tower_lease_lock::dynamodb::fencing::Fence;
 use tower_lease_lock::dynamodb::{DynamoDbConfigError, DynamoDbLocker, TableError};
 use tower_lease_lock::store::StoreConfigError;
-use tower_lease_lock::testing::Dynalite;
+use tower_lease_lock::testing::{Dynalite, TcpProxy};
 use tower_lease_lock::{Key, LockError, LockLayer, LockMode, LockName, Locker, Wait};
 
 const TABLE: &str = "locks";
@@ -515,6 +515,59 @@ async fn lost_when_the_item_is_changed_from_outside() {
     assert_eq!(item["rvn"], AttributeValue::S("intruder".into()));
     assert_eq!(item["released"], AttributeValue::Bool(false));
     wait_idle(&a).await;
+}
+
+/// With more locks held than the renewal task sends at once (64), no more
+/// than 64 renewals are in flight, even when none is answered: each needs
+/// a connection of its own through the proxy, which counts them. The task
+/// went on starting the next 64 as soon as it had started 64, until every
+/// due renewal was in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_64_renewals_are_in_flight() {
+    const HELD: usize = 100;
+    const PARALLEL: u64 = 64;
+    let dynalite = dynalite().await;
+    let proxy = TcpProxy::start(&format!("127.0.0.1:{}", dynalite.port()))
+        .await
+        .expect("proxy");
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        dynalite.config().endpoint_url(proxy.endpoint()).build(),
+    );
+    // Renewals every 5 s, each attempt given 2 s (half the request
+    // timeout; a retry would open another connection): the first wave is
+    // all in flight, unanswered, well before any attempt times out.
+    let locker = DynamoDbLocker::builder(client, TABLE)
+        .lease_duration(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(5))
+        .request_timeout(Duration::from_secs(4))
+        .build()
+        .expect("build locker");
+    locker.ensure_table().await.expect("ensure_table");
+    let mut guards = Vec::new();
+    for i in 0..HELD {
+        let guard = locker.try_acquire(&name(&format!("held-{i}"))).await;
+        guards.push(guard.expect("acquire"));
+    }
+    // Nothing answers from here on; the renewals fall due within the
+    // time the acquisitions took.
+    proxy.blackhole();
+    let before = proxy.connections_accepted();
+    eventually("the first renewals in flight", SOON, || async {
+        proxy.connections_accepted() - before >= PARALLEL / 2
+    })
+    .await;
+    // The rest of the wave (every hold falls due within the few hundred ms
+    // the acquisitions took), before the first attempts time out.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let in_flight = proxy.connections_accepted() - before;
+    assert!(
+        in_flight <= PARALLEL,
+        "{in_flight} renewals in flight at once ({HELD} locks held)"
+    );
+    assert!(in_flight >= PARALLEL / 2, "{in_flight}");
+    proxy.pass();
+    drop(guards);
+    wait_idle(&locker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

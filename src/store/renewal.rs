@@ -45,7 +45,7 @@ struct Entry<H> {
 }
 
 /// A renewal to send: the hold's id, its name and the hold.
-type Due<H> = (u64, LockName, H);
+type Due<H> = (u64, LockName, H, Option<Instant>);
 
 /// Every hold of one locker.
 pub(crate) struct Holds<S: LeaseStore> {
@@ -148,8 +148,11 @@ impl<S: LeaseStore> Holds<S> {
             .collect()
     }
 
-    /// The due renewals (marked as under way), and when the next one is due.
-    fn due(&self, now: Instant) -> (Vec<Due<S::Hold>>, Option<Instant>) {
+    /// Up to `room` due renewals (marked as under way, with their local
+    /// deadlines), and when the next one not yet due is due. Due renewals
+    /// beyond `room` wait for a renewal in flight to end (which wakes the
+    /// task).
+    fn due(&self, now: Instant, room: usize) -> (Vec<Due<S::Hold>>, Option<Instant>) {
         let mut map = lock(&self.entries);
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
@@ -157,11 +160,11 @@ impl<S: LeaseStore> Holds<S> {
             if entry.renewing {
                 continue;
             }
-            if entry.next <= now && due.len() < PARALLEL {
-                entry.renewing = true;
-                due.push((*id, entry.name.clone(), entry.hold.clone()));
-            } else {
+            if entry.next > now {
                 next = Some(next.map_or(entry.next, |n| n.min(entry.next)));
+            } else if due.len() < room {
+                entry.renewing = true;
+                due.push((*id, entry.name.clone(), entry.hold.clone(), entry.deadline));
             }
         }
         (due, next)
@@ -253,12 +256,8 @@ pub(crate) async fn run<S: LeaseStore>(
             return;
         };
         let now = Instant::now();
-        let (due, next) = holds_now.due(now);
-        for (id, name, hold) in due {
-            let deadline = lock(&holds_now.entries)
-                .entries
-                .get(&id)
-                .and_then(|e| e.deadline);
+        let (due, next) = holds_now.due(now, PARALLEL.saturating_sub(under_way.len()));
+        for (id, name, hold, deadline) in due {
             let budget = renewer.budget(deadline, now);
             let store = Arc::clone(&renewer.store);
             under_way.spawn(async move {

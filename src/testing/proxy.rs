@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,6 +36,7 @@ struct Shared {
     target: SocketAddr,
     mode: watch::Sender<ProxyMode>,
     connections: Mutex<JoinSet<()>>,
+    accepted: AtomicU64,
 }
 
 impl Shared {
@@ -69,6 +71,7 @@ impl TcpProxy {
             target,
             mode: watch::channel(ProxyMode::Pass).0,
             connections: Mutex::new(JoinSet::new()),
+            accepted: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(Self {
@@ -91,6 +94,13 @@ impl TcpProxy {
     /// What the proxy does now.
     pub fn mode(&self) -> ProxyMode {
         *self.shared.mode.borrow()
+    }
+
+    /// How many client connections the proxy accepted so far. An HTTP/1
+    /// client opens one for each request it has in flight beyond its idle
+    /// ones, so a test can bound a client's concurrency with it.
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
     }
 
     /// Stops forwarding, silently (see [`ProxyMode::Blackhole`]).
@@ -122,6 +132,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
         let connection = relay(client, Arc::clone(&shared));
         let mut connections = shared.connections();
         // Reap the finished ones as we go.
