@@ -144,10 +144,11 @@ impl AzureBlobLockerBuilder {
 
 impl std::fmt::Debug for AzureBlobLockerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL without its query: a SAS is a secret.
-        let url = self.container.url().as_str();
         f.debug_struct("AzureBlobLockerBuilder")
-            .field("container", &url.split('?').next().unwrap_or_default())
+            .field(
+                "container",
+                &super::store::without_secret(self.container.url()),
+            )
             .field("prefix", &self.prefix)
             .field("lease", &self.lease)
             .field("cadence", &self.cadence)

@@ -43,17 +43,7 @@ pub struct AzureBlobStore {
 impl std::fmt::Debug for AzureBlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AzureBlobStore")
-            .field(
-                "container",
-                // The URL without its query: a SAS is a secret.
-                &self
-                    .container
-                    .url()
-                    .as_str()
-                    .split('?')
-                    .next()
-                    .unwrap_or_default(),
-            )
+            .field("container", &without_secret(self.container.url()))
             .field("prefix", &self.prefix)
             .field("lease_secs", &self.lease_secs)
             .finish()
@@ -221,4 +211,10 @@ impl LeaseStore for AzureBlobStore {
             Err(err) => Err(store_error("releasing the lease", err)),
         }
     }
+}
+
+/// A container URL as it may be shown: without its query, since a SAS is a
+/// secret.
+pub(crate) fn without_secret(url: &azure_core::http::Url) -> &str {
+    url.as_str().split('?').next().unwrap_or_default()
 }

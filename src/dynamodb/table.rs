@@ -85,12 +85,9 @@ pub(crate) async fn ensure_table(store: &DynamoDbStore) -> Result<(), TableError
             Ok(described) => {
                 let description = described.table();
                 let status = description.and_then(|t| t.table_status().cloned());
-                if status == Some(TableStatus::Active) {
-                    let description = description.ok_or_else(|| TableError::NotActive {
-                        table: table.to_string(),
-                        status: "not described".into(),
-                        waited: started.elapsed(),
-                    })?;
+                if let Some(description) =
+                    description.filter(|_| status == Some(TableStatus::Active))
+                {
                     let schema = description.key_schema();
                     let string_key = description.attribute_definitions().iter().any(|d| {
                         d.attribute_name() == key && *d.attribute_type() == ScalarAttributeType::S
